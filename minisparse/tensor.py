@@ -35,9 +35,9 @@ def unbroadcast(grad, shape):
     """Sum ``grad`` down to ``shape``: drop extra leading axes, then sum where ``shape`` has 1."""
     if grad.shape == shape:
         return grad
-    if grad.ndim < len(shape):  # a backward may return a scalar for a broadcast constant
-        return np.broadcast_to(grad, shape)
     lead = grad.ndim - len(shape)
+    if lead < 0 or any(g != n and n != 1 for g, n in zip(grad.shape[lead:], shape, strict=True)):
+        raise ValueError(f"unbroadcast: grad of shape {grad.shape} is not a broadcast of {shape}")
     axes = tuple(range(lead)) + tuple(
         lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1
     )
@@ -122,13 +122,22 @@ class Tensor:
             if g is None:  # every path to this node returned None
                 continue
             if node._backward is None:  # a leaf: accumulate (copy first, so no grad aliases)
-                g = np.array(g, dtype=node.dtype) if node.grad is None else node.grad + g
-                node.grad = g.astype(node.dtype, copy=False)
+                node.grad = np.array(g) if node.grad is None else node.grad + g
                 continue
-            for p, pg in zip(node._parents, node._backward(g), strict=True):
+            parent_grads = node._backward(g)
+            if len(parent_grads) != len(node._parents):
+                raise ValueError(f"backward of {node.op}: returned {len(parent_grads)} grads for "
+                                 f"{len(node._parents)} parents")
+            for p, pg in zip(node._parents, parent_grads, strict=True):
                 if pg is None or not p.requires_grad:
                     continue
-                pg = unbroadcast(pg, p.data.shape)
+                if pg.shape != p.data.shape:
+                    try:
+                        pg = unbroadcast(pg, p.data.shape)
+                    except ValueError as e:  # a bug in an op's backward: say which op
+                        raise ValueError(f"backward of {node.op}: {e}") from None
+                if pg.dtype != p.data.dtype:  # keep float32 graphs float32 all the way down
+                    pg = pg.astype(p.data.dtype)
                 key = id(p)
                 grads[key] = pg if key not in grads else grads[key] + pg
 

@@ -108,6 +108,28 @@ def test_getitem_gather_grad_adds_repeated_rows(x, rows):
     np.testing.assert_array_equal(t.grad, np.repeat(counts[:, None], 3, axis=1))
 
 
+def test_unbroadcast_rejects_shapes_that_do_not_broadcast():
+    with pytest.raises(ValueError, match=r"unbroadcast: grad of shape \(2, 3\) is not a "
+                                         r"broadcast of \(2,\)"):
+        unbroadcast(np.ones((2, 3)), (2,))
+
+
+def test_from_op_custom_op_contract():
+    x = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    # A float64, broadcast-shaped grad is summed and cast by the engine.
+    y = Tensor.from_op(x.data * 2, (x,), lambda g: (np.ones((4, 2, 3)),), "custom")
+    y.sum().backward()
+    assert x.grad.dtype == np.float32 and (x.grad == 4).all()
+    assert Tensor.from_op(x.data, (Tensor(x.data),), None, "const").requires_grad is False
+    bad_shape = Tensor.from_op(x.data, (x,), lambda g: (np.ones(4),), "bad_shape")
+    with pytest.raises(ValueError, match=r"backward of bad_shape: unbroadcast: grad of shape "
+                                         r"\(4,\) is not a broadcast of \(2, 3\)"):
+        bad_shape.sum().backward()
+    bad_count = Tensor.from_op(x.data, (x,), lambda g: (g, g), "bad_count")
+    with pytest.raises(ValueError, match=r"backward of bad_count: returned 2 grads for 1 parents"):
+        bad_count.sum().backward()
+
+
 # ---- accumulation, graph shape, no_grad ----------------------------------------------------------
 
 
