@@ -58,3 +58,24 @@ def axes(draw, ndim):
         return draw(st.integers(-ndim, ndim - 1))
     chosen = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
     return tuple(a - ndim if draw(st.booleans()) else a for a in chosen)
+
+
+# --- sparsity / quant strategies ---
+from minisparse.oracle.harness import feature_arrays  # noqa: E402  (shared with the harness)
+
+
+@st.composite
+def rows_and_k(draw, **kwargs):
+    """(x [..., D], K) with K = 1, K = D or anything between; x from ``feature_arrays``."""
+    x = draw(feature_arrays(**kwargs))
+    d = x.shape[-1]
+    return x, draw(st.one_of(st.just(1), st.just(d), st.integers(1, d)))
+
+
+@st.composite
+def rows_and_block(draw, **kwargs):
+    """(x [..., D], (N, M)) with M dividing D and 1 <= N <= M."""
+    m = draw(st.integers(1, 8))
+    n = draw(st.one_of(st.just(1), st.just(m), st.integers(1, m)))
+    x = draw(feature_arrays(d=m * draw(st.integers(1, 4)), **kwargs))
+    return x, (n, m)

@@ -1,0 +1,1 @@
+"""The functional oracle of SPEC section 10: pure NumPy reference functions (in progress)."""
