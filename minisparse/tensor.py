@@ -258,10 +258,7 @@ class Tensor:
         """Reorder all axes: out.shape[i] = x.shape[axes[i]]; backward applies the inverse."""
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
-        perm = _permutation("permute", axes, self.shape)
-        inverse = tuple(np.argsort(perm))
-        return Tensor.from_op(self.data.transpose(perm), (self,),
-                              lambda g: (g.transpose(inverse),), "permute")
+        return self._permute("permute", axes)
 
     def transpose(self, *axes):
         """``transpose()`` reverses the axes; ``transpose(i, j)`` swaps two axes (as in torch);
@@ -269,13 +266,19 @@ class Tensor:
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
         if not axes:
-            return self.permute(tuple(range(self.ndim))[::-1])
-        if len(axes) == 2:
+            axes = tuple(range(self.ndim))[::-1]
+        elif len(axes) == 2:
             i, j = (_axes("transpose", a, self.shape)[0] for a in axes)
             perm = list(range(self.ndim))
             perm[i], perm[j] = j, i
-            return self.permute(perm)
-        return self.permute(axes)
+            axes = perm
+        return self._permute("transpose", axes)
+
+    def _permute(self, op, axes):
+        perm = _permutation(op, axes, self.shape)
+        inverse = tuple(np.argsort(perm))
+        return Tensor.from_op(self.data.transpose(perm), (self,),
+                              lambda g: (g.transpose(inverse),), op)
 
     T = property(lambda self: self.transpose())
 
@@ -412,11 +415,12 @@ def _unreduce(g, shape, axes, keepdims):
 
 
 def _permutation(op, axes, shape):
-    if len(axes) != len(shape) or sorted(_axes(op, a, shape)[0] for a in axes) != list(
-            range(len(shape))):
+    """``axes`` as non-negative ints, checked to be a permutation of all axes of ``shape``."""
+    perm = tuple(_axes(op, a, shape)[0] for a in axes)
+    if sorted(perm) != list(range(len(shape))):
         raise ValueError(f"{op}: axes {axes} are not a permutation of the {len(shape)} axes of "
                          f"shape {shape}")
-    return tuple(_axes(op, a, shape)[0] for a in axes)
+    return perm
 
 
 def _index(index, shape):

@@ -246,6 +246,9 @@ def test_error_messages():
         a.reshape(4)
     with pytest.raises(ValueError, match=r"permute: axes \(0, 0\) are not a permutation.*\(2, 3\)"):
         a.permute(0, 0)
+    with pytest.raises(ValueError, match=r"transpose: axes \(0, 0, 1\) are not a permutation of "
+                                         r"the 3 axes of shape \(2, 3, 4\)"):
+        Tensor(np.ones((2, 3, 4))).transpose(0, 0, 1)
     with pytest.raises(TypeError, match=r"getitem: index arrays must be integer or bool, got "
                                         r"float64 \(2,\) \(tensor shape \(2, 3\)\)"):
         a[np.array([0.0, 1.0])]
