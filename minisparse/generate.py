@@ -1,0 +1,95 @@
+"""Sampling from a GPT with a KV cache: temperature, top-k, a seed, a prompt string or ids.
+
+The cache holds at most ``config.context`` positions. While the sequence fits, each new token
+costs one single-position forward pass. Once it is longer than the context, the model only
+sees the last ``context`` tokens (the crop of nanoGPT's sampler), and the cache is rebuilt by
+one full pass over that window for every further token: keys in layers above the first
+depend on everything the window attends to, so entries computed for an earlier window are
+stale (a sliding window cache would differ from the full forward). The logits therefore
+always equal a full forward pass over the visible window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .model import GPT, KVCache
+
+
+def sample_tokens(
+    model: GPT,
+    ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: np.random.Generator,
+) -> Iterator[int]:
+    """Yield ``max_new_tokens`` token ids sampled one at a time after the prompt ``ids``."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token to start from")
+    _check_options(max_new_tokens, temperature, top_k)
+    context = model.config.context
+    cache = KVCache(model.config)
+    for step in range(max_new_tokens):
+        if step == 0 or cache.length == context:  # (re)fill the cache from the visible window
+            cache.reset()
+            new = ids[-context:]
+        else:
+            new = ids[-1:]
+        logits, _ = model(np.array([new]), kv_cache=cache)  # (1, len(new), V)
+        token = pick_token(logits.data[0, -1], temperature, top_k, rng)
+        ids.append(token)
+        yield token
+
+
+def generate(
+    model: GPT,
+    prompt,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    tokenizer=None,
+) -> list[int]:
+    """Prompt (a string, with ``tokenizer``, or token ids) followed by ``max_new_tokens``
+    sampled ids. ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a string prompt needs a tokenizer (or pass token ids)")
+        prompt = tokenizer.encode(prompt)
+    ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+    rng = np.random.default_rng(seed)
+    new = sample_tokens(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, rng=rng
+    )
+    return ids + list(new)
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_k: int | None,
+               rng: np.random.Generator) -> int:
+    """One id from logits [V]: argmax if temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits."""
+    z = logits.astype(np.float64)
+    if temperature == 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
+
+
+def _check_options(max_new_tokens, temperature, top_k):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
