@@ -1,0 +1,356 @@
+"""Training: the SPEC section 9 recipe as a plain loop, with checkpoints, resume and init-from.
+
+All training randomness (parameter init, batch order) comes from one
+``np.random.default_rng(seed)`` whose state is checkpointed, so a resumed run continues
+bit-identically. Validation batches come from a fresh ``default_rng(eval_seed)`` at every
+evaluation: every evaluation, of every run, sees the same batches.
+"""
+
+import dataclasses
+import hashlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .data import (
+    BUNDLED,
+    CharTokenizer,
+    DataError,
+    bundled_text,
+    get_batch,
+    load_text,
+    make_dataset,
+)
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm, lr_at
+from .tensor import no_grad
+
+CKPT_NAME = "ckpt.npz"
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation and bookkeeping settings; the defaults are the SPEC section 9 recipe."""
+
+    iters: int = 2000
+    batch: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay reaches this at the last step
+    warmup: int = 100  # linear warm-up steps: lr * (it + 1) / (warmup + 1)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices; norms get 0
+    grad_clip: float = 1.0  # global grad-norm clip
+    eval_interval: int = 250  # validate every N steps during training
+    eval_batches: int = 20  # batches per validation during training
+    final_eval_batches: int = 200  # batches for the final validation loss (SPEC section 9)
+    ckpt_interval: int = 500  # checkpoint every N steps (and always at the end)
+    log_interval: int = 50  # plain log line every N steps when stdout is not a terminal
+    seed: int = 0
+    eval_seed: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default)  # int or float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"train setting {f.name} must be a number, got {value!r}")
+            if kind is int and value != int(value):
+                raise ValueError(f"train setting {f.name} must be an integer, got {value!r}")
+            setattr(self, f.name, kind(value))
+        positive = ("iters", "batch", "lr", "eval_interval", "eval_batches",
+                    "final_eval_batches", "ckpt_interval", "log_interval", "grad_clip")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train setting {name} must be > 0, got {getattr(self, name)}")
+        for name in ("min_lr", "warmup", "eps", "weight_decay", "seed", "eval_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train setting {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(
+                    f"train setting {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSettings":
+        """Build from a dict; unknown keys are an error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown train settings {unknown}; valid settings are {names}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: losses per step, validation losses, where the checkpoint is."""
+
+    config: GPTConfig
+    settings: TrainSettings
+    step: int  # steps completed
+    train_loss: list = field(default_factory=list)  # loss of step 1, 2, ..., step
+    val_loss: list = field(default_factory=list)  # [step, loss] pairs
+    final_val_loss: float | None = None  # over final_eval_batches; None if stopped early
+    checkpoint: Path | None = None  # the last checkpoint written (None if none)
+    stopped: str | None = None  # None if the run completed, else why it stopped
+    tokens_per_second: float = 0.0
+
+
+def evaluate(model: GPT, data: np.ndarray, rng: np.random.Generator, batches: int,
+             batch: int = 12) -> float:
+    """Mean cross-entropy over ``batches`` random batches of ``data`` (no gradients)."""
+    total = 0.0
+    with no_grad():
+        for _ in range(batches):
+            x, y = get_batch(rng, data, batch, model.config.context)
+            total += model(x, y)[1].item()
+    return total / batches
+
+
+def param_groups(model: GPT, weight_decay: float) -> list:
+    """SPEC section 9: weight decay on matrices (ndim 2), none on norm gains."""
+    params = [p for _, p in model.named_parameters()]
+    return [
+        {"params": [p for p in params if p.ndim == 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0},
+    ]
+
+
+def train(model_config=None, settings=None, *, text: str | None = None, data_path=None,
+          out_dir="runs/default", resume: bool = False, init_from=None,
+          overwrite: bool = False, backend: str | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train a GPT and checkpoint it to ``out_dir/ckpt.npz``.
+
+    ``model_config``: a dict of GPTConfig fields (``vocab_size`` comes from the data) or a
+    GPTConfig; ``settings``: a TrainSettings or a dict of overrides. The data is ``text``, or
+    the file ``data_path``, or the bundled tiny Shakespeare.
+    ``resume``: continue ``out_dir/ckpt.npz`` (its config, settings and data unless
+    overridden; a different model config is an error). ``init_from``: start from that
+    checkpoint's parameters with a fresh optimizer, changing any field that keeps the
+    parameter shapes (sparsity, block, bits, rescale, ffn_act, context).
+    A fresh run refuses to replace an existing checkpoint unless ``overwrite``. ``backend``
+    ("numpy" | "numba" | None = the kernels' default) picks the sparse_linear implementation.
+    Ctrl-C saves a checkpoint and returns; a non-finite loss stops the run and keeps the last
+    good checkpoint. Both are reported in ``TrainResult.stopped``.
+    """
+    if resume and init_from is not None:
+        raise ValueError("use either resume or init_from, not both")
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CKPT_NAME
+    if resume and not ckpt_path.exists():
+        raise CheckpointError(f"nothing to resume: no checkpoint at {ckpt_path}")
+    if not resume and not overwrite and ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} exists: resume it, or choose another output "
+                         "directory, or overwrite it")
+    base = load_checkpoint(ckpt_path if resume else init_from) if (resume or init_from) else None
+
+    settings = _settings(settings, base.settings if resume else {})
+    text, source = _text(text, data_path, base.data if resume else {})
+    tokenizer = CharTokenizer(base.vocab) if base else CharTokenizer.from_text(text)
+    config = _config(model_config, base, resume, tokenizer.vocab_size)
+    data = make_dataset(text, config.context, tokenizer)
+    data_info = {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if resume and base.data.get("sha256") not in (None, data_info["sha256"]):
+        raise DataError(f"the data differs from the data {ckpt_path} was trained on "
+                        f"({base.data.get('source')})")
+
+    rng = np.random.default_rng(settings.seed)
+    model = GPT(config, rng, backend=backend)
+    optimizer = AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
+                      betas=(settings.beta1, settings.beta2), eps=settings.eps)
+    step, history = 0, {"train_loss": [], "val_loss": []}
+    if base is not None:
+        model.load_state_dict(base.params)
+    if resume:
+        if base.step > settings.iters:
+            raise ValueError(f"{ckpt_path} is at step {base.step}, beyond iters={settings.iters}")
+        optimizer.load_state_dict(base.optimizer)
+        rng.bit_generator.state = base.rng_state
+        step, history = base.step, base.history
+
+    def save():
+        save_checkpoint(ckpt_path, Checkpoint(
+            config=config, params=model.state_dict(), vocab=tokenizer.vocab, step=step,
+            optimizer=optimizer.state_dict(), rng_state=rng.bit_generator.state,
+            settings=settings.to_dict(), data=data_info, history=history))
+
+    def validate(batches):
+        loss = evaluate(model, data.val, np.random.default_rng(settings.eval_seed), batches,
+                        settings.batch)
+        history["val_loss"].append([step, loss])
+        log.write(f"step {step}: val loss {loss:.4f}")
+        return loss
+
+    result = TrainResult(config, settings, step)
+    saved_step = step if resume else None  # step of the last checkpoint of this run
+    train_time, train_tokens = 0.0, 0
+    with _CtrlC() as ctrl_c, _Progress(progress, settings, step) as log:
+        while step < settings.iters:
+            if ctrl_c.pressed:
+                save()
+                result.stopped = f"interrupted at step {step}; checkpoint saved to {ckpt_path}"
+                break
+            t0 = time.perf_counter()
+            x, y = get_batch(rng, data.train, settings.batch, config.context)
+            _, loss = model(x, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                kept = ("no checkpoint was written" if saved_step is None else
+                        f"kept the last good checkpoint {ckpt_path} (step {saved_step})")
+                result.stopped = (f"loss is {loss_value} at step {step + 1}; stopped and "
+                                  f"{kept}; a lower lr may help")
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            clip_grad_norm(optimizer.params, settings.grad_clip)
+            lr = lr_at(step, max_iters=settings.iters, lr=settings.lr, min_lr=settings.min_lr,
+                       warmup=settings.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            step += 1
+            history["train_loss"].append(loss_value)
+            train_time += time.perf_counter() - t0
+            train_tokens += x.size
+            log.step(step, loss_value, train_tokens / train_time)
+
+            if step == settings.iters:
+                result.final_val_loss = validate(settings.final_eval_batches)
+            elif step % settings.eval_interval == 0:
+                validate(settings.eval_batches)
+            if step == settings.iters or step % settings.ckpt_interval == 0:
+                save()
+                saved_step = step
+
+    if result.stopped is None and result.final_val_loss is None:  # resumed a finished run
+        result.final_val_loss = history["val_loss"][-1][1]
+    result.step = step
+    result.train_loss = list(history["train_loss"])
+    result.val_loss = [list(p) for p in history["val_loss"]]
+    result.checkpoint = ckpt_path if ckpt_path.exists() else None
+    result.tokens_per_second = train_tokens / train_time if train_time else 0.0
+    return result
+
+
+def _settings(settings, saved: dict) -> TrainSettings:
+    if isinstance(settings, TrainSettings):
+        return settings
+    return TrainSettings.from_dict({**saved, **(settings or {})})
+
+
+def _text(text, data_path, saved: dict):
+    """-> (text, source) from the argument, the file, the resumed run's source, or bundled."""
+    if text is not None and data_path is not None:
+        raise ValueError("give either text or data_path, not both")
+    if text is not None:
+        return text, "<text>"
+    if data_path is None:
+        data_path = saved.get("source", BUNDLED)
+        if data_path == "<text>":
+            raise DataError("the checkpoint was trained on in-memory text; pass it again")
+    if data_path == BUNDLED:
+        return bundled_text(), BUNDLED
+    return load_text(data_path), str(Path(data_path).resolve())
+
+
+def _config(model_config, base: Checkpoint | None, resume: bool, vocab_size: int) -> GPTConfig:
+    """The run's GPTConfig: overrides on top of the checkpoint's config (or the defaults)."""
+    if isinstance(model_config, GPTConfig):
+        model_config = model_config.to_dict()
+    overrides = dict(model_config or {})
+    if base is None:
+        config = GPTConfig.from_dict({"vocab_size": vocab_size, **overrides})
+        if config.vocab_size != vocab_size:
+            raise ValueError(f"vocab_size {config.vocab_size} does not match the data's "
+                             f"{vocab_size} characters")
+        return config
+    old = base.config.to_dict()
+    new = GPTConfig.from_dict({**old, **overrides}).to_dict()
+    fixed = SHAPE_FIELDS if not resume else tuple(old)  # resume: nothing may change
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in fixed if old[k] != new[k]]
+    if changed:
+        what = "resume with" if resume else "init from a checkpoint and change"
+        raise ValueError(f"cannot {what} {', '.join(changed)}")
+    return GPTConfig.from_dict(new)
+
+
+class _CtrlC:
+    """First Ctrl-C sets ``pressed`` (the loop saves at the next step boundary, so the
+    checkpoint is consistent); a second one raises KeyboardInterrupt at once."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nCtrl-C: saving a checkpoint after this step (again to quit now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise, nothing if disabled."""
+
+    def __init__(self, enabled: bool, settings: TrainSettings, start: int):
+        self.enabled, self.total, self.start = enabled, settings.iters, start
+        self.interval = settings.log_interval
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            self.bar = tqdm(total=settings.iters, initial=start, file=sys.stdout,
+                            dynamic_ncols=True, unit="it")
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, loss: float, tokens_per_second: float):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_second:,.0f} tok/s",
+                                     refresh=False)
+        elif self.enabled and (step % self.interval == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / (step - self.start) * (self.total - step)
+            print(f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_second:,.0f} tok/s"
+                  f" | eta {_duration(eta)}", flush=True)
+
+    def write(self, message: str):
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,220 @@
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from minisparse import train as train_mod
+from minisparse.checkpoint import load_checkpoint
+from minisparse.data import DataError, make_dataset, synthetic_text
+from minisparse.model import GPT
+from minisparse.train import TrainSettings, evaluate, train
+
+TEXT = synthetic_text(np.random.default_rng(0), 20_000)
+TINY = {"context": 16, "d_model": 16, "n_layers": 1, "n_heads": 2}
+
+
+def settings(**overrides):
+    base = dict(iters=20, batch=8, lr=1e-2, min_lr=1e-3, warmup=4, eval_interval=10,
+                eval_batches=3, final_eval_batches=6, ckpt_interval=10, seed=3)
+    return {**base, **overrides}
+
+
+def run(out_dir, model=TINY, **kw):
+    s = kw.pop("settings", settings())
+    return train(model, s, text=TEXT, out_dir=out_dir, progress=False, **kw)
+
+
+def assert_same_state(a, b):
+    """Checkpoints a and b hold identical parameters, optimizer state, RNG state, history."""
+    assert a.step == b.step
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    assert a.optimizer.keys() == b.optimizer.keys()
+    for key in a.optimizer:
+        np.testing.assert_array_equal(a.optimizer[key], b.optimizer[key], err_msg=key)
+    assert a.rng_state == b.rng_state
+    assert a.history == b.history
+
+
+def interrupt_at(monkeypatch, step):
+    """Send a real SIGINT (Ctrl-C) from inside the training loop's get_batch of ``step``."""
+    calls = {"n": 0}
+    real = train_mod.get_batch
+
+    def get_batch(rng, data, batch, context):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(rng, data, batch, context)
+
+    monkeypatch.setattr(train_mod, "get_batch", get_batch)
+
+
+def test_short_run_loss_falls(tmp_path):
+    result = run(tmp_path, settings=settings(iters=40))
+    assert result.stopped is None and result.step == 40
+    assert len(result.train_loss) == 40
+    first, last = np.mean(result.train_loss[:5]), np.mean(result.train_loss[-5:])
+    assert first > math.log(result.config.vocab_size) - 0.3  # starts near uniform
+    assert last < first - 0.5
+    assert result.final_val_loss < first - 0.5
+    assert [s for s, _ in result.val_loss] == [10, 20, 30, 40]
+    assert result.val_loss[-1][1] == result.final_val_loss
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.step == 40 and ckpt.history["train_loss"] == result.train_loss
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    full = run(tmp_path / "full")
+    interrupt_at(monkeypatch, step=7)
+    stopped = run(tmp_path / "cut")
+    assert stopped.stopped.startswith("interrupted at step 7")
+    assert stopped.step == 7 and load_checkpoint(stopped.checkpoint).step == 7
+    monkeypatch.undo()
+    resumed = train(None, None, text=TEXT, out_dir=tmp_path / "cut", resume=True,
+                    progress=False)
+    assert resumed.stopped is None and resumed.step == 20
+    assert resumed.train_loss == full.train_loss
+    assert resumed.final_val_loss == full.final_val_loss
+    assert_same_state(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint))
+
+
+def test_resume_after_a_crash_from_the_interval_checkpoint(tmp_path, monkeypatch):
+    full = run(tmp_path / "full")
+    real = train_mod.get_batch
+    calls = {"n": 0}
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 14:  # during step 11 (validation at step 10 drew 3 batches)
+            raise MemoryError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "get_batch", crash)
+    with pytest.raises(MemoryError):
+        run(tmp_path / "crash")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "crash" / "ckpt.npz").step == 10
+    resumed = run(tmp_path / "crash", resume=True)
+    assert_same_state(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint))
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):
+    real = train_mod.get_batch
+    calls = {"n": 0}
+
+    def double(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "get_batch", double)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    assert not (tmp_path / "ckpt.npz").exists()
+    assert signal.getsignal(signal.SIGINT) is before  # our handler is removed again
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    class Exploding(GPT):
+        train_calls = 0
+
+        def forward(self, idx, targets=None, kv_cache=None):
+            logits, loss = super().forward(idx, targets, kv_cache)
+            if loss is not None and loss.requires_grad:  # training steps, not validation
+                Exploding.train_calls += 1
+                if Exploding.train_calls == 14:
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train_mod, "GPT", Exploding)
+    result = run(tmp_path)
+    assert result.stopped.startswith("loss is nan at step 14")
+    assert "last good checkpoint" in result.stopped and "(step 10)" in result.stopped
+    assert result.step == 13 and result.final_val_loss is None
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.step == 10
+    assert all(np.isfinite(a).all() for a in ckpt.params.values())
+
+
+def test_init_from_dense_into_sparse(tmp_path):
+    dense = run(tmp_path / "dense", settings=settings(iters=30))
+    fresh = run(tmp_path / "fresh", model={**TINY, "sparsity": 0.5}, settings=settings(iters=2))
+    sparse = run(tmp_path / "sparse", model={"sparsity": 0.5, "bits": 1.58},
+                 settings=settings(iters=10), init_from=dense.checkpoint)
+    assert sparse.config.sparsity == 0.5 and sparse.config.bits == 1.58
+    assert sparse.config.d_model == 16 and sparse.step == 10
+    # it starts from the trained weights, not from a fresh init
+    assert sparse.train_loss[0] < fresh.train_loss[0] - 0.5
+    ckpt = load_checkpoint(sparse.checkpoint)
+    assert ckpt.step == 10 and ckpt.optimizer["step.0"] == 10  # fresh optimizer
+    with pytest.raises(ValueError, match="d_model 16 -> 32"):
+        run(tmp_path / "wide", model={"d_model": 32}, init_from=dense.checkpoint)
+
+
+def test_resume_refuses_a_different_config_or_data(tmp_path):
+    run(tmp_path, settings=settings(iters=2))
+    with pytest.raises(ValueError, match=r"resume with sparsity 0\.0 -> 0\.5"):
+        run(tmp_path, model={"sparsity": 0.5}, resume=True)
+    with pytest.raises(DataError, match="data differs"):
+        train(None, None, text=TEXT[:-100], out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="exists"):
+        run(tmp_path)  # a fresh run does not clobber a checkpoint by accident
+    assert run(tmp_path, settings=settings(iters=2), overwrite=True).step == 2
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run(tmp_path / "empty", resume=True)
+
+
+def test_evaluate_is_deterministic_given_rng(tmp_path):
+    result = run(tmp_path, settings=settings(iters=4))
+    ckpt = load_checkpoint(result.checkpoint)
+    model = GPT.from_params(ckpt.config, ckpt.params)
+    val = make_dataset(TEXT, 16).val
+    a = evaluate(model, val, np.random.default_rng(0), batches=6, batch=8)
+    assert a == evaluate(model, val, np.random.default_rng(0), batches=6, batch=8)
+    assert a == result.final_val_loss  # the run validated with eval_seed 0, same batches
+
+
+def test_plain_log_lines_when_not_a_terminal(tmp_path, capsys):
+    train(TINY, settings(iters=4, log_interval=2, eval_interval=2), text=TEXT, out_dir=tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("step 2/4 | loss ") and "tok/s | eta " in line for line in out)
+    assert "step 2: val loss" in "\n".join(out)
+
+
+def test_settings_defaults_are_the_spec_recipe_and_are_validated():
+    s = TrainSettings()
+    assert (s.iters, s.batch, s.lr, s.min_lr, s.warmup) == (2000, 12, 1e-3, 1e-4, 100)
+    assert (s.beta1, s.beta2, s.eps, s.weight_decay, s.grad_clip) == (0.9, 0.99, 1e-8, 0.1, 1.0)
+    assert s.final_eval_batches == 200
+    with pytest.raises(ValueError, match="iters must be > 0"):
+        TrainSettings(iters=0)
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        TrainSettings(beta2=1.0)
+    with pytest.raises(ValueError, match="batch must be an integer"):
+        TrainSettings(batch=2.5)
+    with pytest.raises(ValueError, match=r"unknown train settings \['lr_max'\]"):
+        TrainSettings.from_dict({"lr_max": 1.0})
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(train_mod.GPTConfig(vocab_size=5, **TINY), np.random.default_rng(0))
+    decay, no_decay = train_mod.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(model.parameters())
+
+
+def test_resuming_a_finished_run_reports_its_result(tmp_path):
+    done = run(tmp_path, settings=settings(iters=4))
+    again = run(tmp_path, settings=settings(iters=4), resume=True)
+    assert again.step == 4 and again.stopped is None
+    assert again.final_val_loss == done.final_val_loss and again.train_loss == done.train_loss
+    with pytest.raises(ValueError, match="at step 4, beyond iters=2"):
+        run(tmp_path, settings=settings(iters=2), resume=True)
