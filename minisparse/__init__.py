@@ -7,3 +7,8 @@ Layers, bottom to top: ``tensor`` (autograd engine) -> ``functions`` (differenti
 """
 
 __version__ = "0.1.0"
+
+from minisparse.nn import Module, Parameter
+from minisparse.tensor import Tensor, no_grad
+
+__all__ = ["Module", "Parameter", "Tensor", "no_grad", "__version__"]
