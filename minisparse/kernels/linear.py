@@ -1,0 +1,156 @@
+"""SparseLinear (SPEC 5) as one fused autograd op on the fast path, and packed inference weights.
+
+Training: the mask, the int8 codes and the ternary weights come from the Numba kernels; the
+products of the kept activations with the weights are BLAS matmuls on the masked rows, except
+at high sparsity (keep <= 1/10), where the kernels that read only the kept inputs' weights win.
+Backward is SPEC 1's STE (or the masked form) with the quantizers' STE identity:
+
+    dX = r * (dY @ Qw(W))  [⊙ M if not ste],    dW = dY^T (r * A(X) ⊙ M).
+
+Decoding: ``pack_model`` attaches a ``PackedLinear`` to every projection weight (Wt = W^T for
+float, 2-bit codes for ternary) and makes the weight array read-only, so a later in-place update
+raises instead of leaving a stale copy; a single-token call then reads only the kept rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import tensor as engine
+from ..tensor import Tensor
+from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
+from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
+from .topk import block_topk_mask, topk_indices, topk_mask
+
+SPARSE_PRODUCT_MAX_DENSITY = 0.1  # below this kept fraction the sparse kernels beat BLAS
+PACKED_MAX_ROWS = 4  # rows up to which a packed weight is used row by row (decode steps)
+PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
+
+
+def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", bits=None,
+                  ste=True) -> Tensor:
+    """Y [..., D_out] = sparsify(A(X)) @ Qw(W).T (SPEC 5); same semantics as the reference.
+
+    k: kept inputs per row (None: no top-K); block: (N, M) or None; bits: None or 1.58."""
+    d_out, d_in = w.shape
+    packed = getattr(w, "packed", None)
+    x2 = x.data.reshape(-1, d_in)  # [N, D_in]
+    needs_grad = engine._grad_enabled and (x.requires_grad or w.requires_grad)  # no_grad()?
+    if packed is not None and packed.source is w.data and not needs_grad \
+            and x2.shape[0] <= PACKED_MAX_ROWS and block is None:
+        y = np.stack([packed.gemv(row, k, rescale) for row in x2])
+        return Tensor(y.reshape(*x.shape[:-1], d_out))
+
+    a, mask, r = _activations(x2, k, block, rescale, bits)  # A(X), M (or None), r [N, 1]
+    ya = a if mask is None else np.where(mask, a, 0) * r  # sparsify(A(X)) [N, D_in]
+    if bits:
+        t, s = _ternarize(w.data)
+        wq = t / s  # Qw(W) = t / s_w, [D_out, D_in]
+    else:
+        wq = w.data
+    sparse = mask is not None and _density(k, block, d_in) <= SPARSE_PRODUCT_MAX_DENSITY
+    y = sparse_gemm(ya, mask, pack_sparse_weights(wq)) if sparse else ya @ wq.T
+
+    def backward(g):
+        g2 = g.reshape(-1, d_out)
+        gx = gw = None
+        if x.requires_grad:
+            gx = g2 @ wq  # [N, D_in]
+            if mask is not None:
+                gx = gx * r if ste else np.where(mask, gx * r, 0)
+            gx = gx.reshape(x.shape)
+        if w.requires_grad:
+            gw = sparse_weight_grad(ya, mask, g2) if sparse else g2.T @ ya  # [D_out, D_in]
+        return gx, gw
+
+    return Tensor.from_op(y.reshape(*x.shape[:-1], d_out), (x, w), backward, "sparse_linear")
+
+
+def _activations(x2, k, block, rescale, bits):
+    """(A(X), M or None, r [N, 1]) for rows x2 [N, D_in] (SPEC 1-3)."""
+    if bits:
+        q, s = quantize_rows(x2)
+        a = q / s  # dequantized codes, as the reference computes them
+    else:
+        a = x2
+    if k is None and block is None:
+        return a, None, None
+    mask = topk_mask(a, k) if block is None else block_topk_mask(a, *block)
+    if rescale == "none":
+        r = np.ones((a.shape[0], 1), a.dtype)
+    else:  # ||A|| / max(||A ⊙ M||, 1e-12), as the reference (SPEC 1)
+        kept = np.where(mask, a, 0)
+        norm = np.sqrt(np.sum(a * a, axis=-1, keepdims=True))
+        r = norm / np.maximum(np.sqrt(np.sum(kept * kept, axis=-1, keepdims=True)), 1e-12)
+    return a, mask, r
+
+
+def _density(k, block, d_in):
+    return k / d_in if block is None else block[0] / block[1]
+
+
+def _ternarize(w):
+    """SPEC 4 codes and scale (no finiteness check: training must reach its own loss check)."""
+    s = 1 / np.maximum(np.abs(w).mean(), w.dtype.type(1e-5))
+    return np.clip(np.rint(w * s), -1, 1).astype(np.int8), s
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """Inference form of one projection: Wt [D_in, D_out] (float) or 2-bit codes (ternary)."""
+
+    source: np.ndarray  # the weight array this was packed from (read-only while packed)
+    wt: np.ndarray | None
+    ternary: PackedTernary | None
+
+    def gemv(self, x: np.ndarray, k, rescale) -> np.ndarray:
+        """y [D_out] for one token x [D_in]: SPEC 5 reading only the kept inputs' weights."""
+        d_in = x.shape[0]
+        if self.ternary is None:
+            idx = np.arange(d_in) if k is None else topk_indices(x, k)
+            y = sparse_gemv(x, idx, self.wt)
+            return y * _row_rescale(x, idx, rescale)
+        q, s = quantize_rows(x[None])  # SPEC 3; the mask of q equals the mask of q / s
+        q, s = q[0], s[0, 0]
+        idx = np.arange(d_in) if k is None else topk_indices(q.astype(np.float32), k)
+        acc = ternary_gemv_int(q, idx, self.ternary)  # exact integers (SPEC 5)
+        a = q / s
+        return (acc / (s * x.dtype.type(self.ternary.scale))).astype(x.dtype) \
+            * _row_rescale(a, idx, rescale)
+
+
+def _row_rescale(a, idx, rescale):
+    if rescale == "none":
+        return a.dtype.type(1)
+    kept = a[idx]
+    return np.sqrt(np.sum(a * a)) / np.maximum(np.sqrt(np.sum(kept * kept)), 1e-12)
+
+
+def pack_linear(w: np.ndarray, bits=None) -> PackedLinear:
+    """W [D_out, D_in] -> PackedLinear: transposed float rows, or 2-bit ternary codes (SPEC 4)."""
+    if bits:
+        return PackedLinear(w, None, pack_ternary(w))
+    return PackedLinear(w, pack_sparse_weights(w), None)
+
+
+def pack_model(model) -> int:
+    """Pack every projection weight of a GPT for decoding; returns how many were packed.
+
+    The weight arrays become read-only: call ``unpack_model`` before training them again."""
+    n = 0
+    for name, p in model.named_parameters():
+        if ".".join(name.split(".")[-2:]) in PROJECTIONS:
+            p.packed = pack_linear(p.data, model.config.bits)
+            p.data.flags.writeable = False
+            n += 1
+    return n
+
+
+def unpack_model(model) -> None:
+    """Drop the packed copies and make the weights writable again."""
+    for _, p in model.named_parameters():
+        if getattr(p, "packed", None) is not None:
+            p.packed = None
+            p.data.flags.writeable = True

@@ -1,0 +1,99 @@
+"""Sparse-activation products that read only the weights of the kept inputs.
+
+Layout: a projection W [D_out, D_in] (nn.Linear) is packed once as Wt = W.T, C-contiguous
+[D_in, D_out]. Then y = W (x ⊙ M) = Σ_{i kept} x_i Wt[i, :] reads one contiguous row per kept
+input -- (1 - S) of the weight bytes, streamed in order -- and the inner loop over outputs is an
+axpy that LLVM vectorises to AVX2 FMAs. Four kept rows are added per pass so the accumulator is
+loaded and stored once per four weight rows (the loop is limited by memory traffic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Below this many weights read (K * D_out) a GEMV runs on one thread: waking a thread pool costs
+# more than it saves on a few MB of weights.
+PARALLEL_MIN_WEIGHTS = 1 << 21
+
+
+def pack_sparse_weights(w: np.ndarray) -> np.ndarray:
+    """W [D_out, D_in] -> Wt [D_in, D_out], C-contiguous: row i = the weights input i feeds."""
+    return np.ascontiguousarray(w.T)
+
+
+@njit(cache=True, inline="always", fastmath={"contract"})
+def _axpy_rows(x, idx, lo, hi, wt, acc):
+    """acc[:] += Σ_{p in [lo, hi)} x[idx[p]] * wt[idx[p], :]  (four rows per pass)."""
+    n = acc.shape[0]
+    p = lo
+    while p + 4 <= hi:
+        i0, i1, i2, i3 = idx[p], idx[p + 1], idx[p + 2], idx[p + 3]
+        x0, x1, x2, x3 = x[i0], x[i1], x[i2], x[i3]
+        w0, w1, w2, w3 = wt[i0], wt[i1], wt[i2], wt[i3]
+        for o in range(n):
+            acc[o] += (x0 * w0[o] + x1 * w1[o]) + (x2 * w2[o] + x3 * w3[o])
+        p += 4
+    while p < hi:
+        x0, w0 = x[idx[p]], wt[idx[p]]
+        for o in range(n):
+            acc[o] += x0 * w0[o]
+        p += 1
+
+
+@njit(cache=True)
+def _gemv_serial(x, idx, wt):
+    acc = np.zeros(wt.shape[1], wt.dtype)
+    _axpy_rows(x, idx, 0, idx.shape[0], wt, acc)
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _gemv_parallel(x, idx, wt, parts):
+    # Split the kept rows (not the outputs) between threads: each streams whole contiguous rows
+    # into its own accumulator, and the partial sums are added at the end.
+    k = idx.shape[0]
+    acc = np.zeros((parts, wt.shape[1]), wt.dtype)
+    for t in prange(parts):
+        _axpy_rows(x, idx, t * k // parts, (t + 1) * k // parts, wt, acc[t])
+    return acc.sum(axis=0)
+
+
+def sparse_gemv(x: np.ndarray, idx: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """y [D_out] = Σ_{i in idx} x[i] Wt[i, :] = W (x ⊙ M); x [D_in], idx [K], Wt [D_in, D_out]."""
+    if idx.shape[0] * wt.shape[1] < PARALLEL_MIN_WEIGHTS:
+        return _gemv_serial(x, idx, wt)
+    return _gemv_parallel(x, idx, wt, 2)
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _gemm_rows(x, mask, wt):
+    n, d_in = x.shape
+    y = np.zeros((n, wt.shape[1]), wt.dtype)
+    for r in prange(n):
+        idx = np.flatnonzero(mask[r])
+        _axpy_rows(x[r], idx, 0, idx.shape[0], wt, y[r])
+    return y
+
+
+def sparse_gemm(x: np.ndarray, mask: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """Y [N, D_out] = (X ⊙ M) W^T; X, M [N, D_in] (each row its own kept set), Wt [D_in, D_out]."""
+    return _gemm_rows(np.ascontiguousarray(x), np.ascontiguousarray(mask), wt)
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _weight_grad_t(xt, mask_t, gy):
+    # Row i of dWt only gathers the tokens that kept input i: (1 - S) of the dense work.
+    d_in = xt.shape[0]
+    gwt = np.zeros((d_in, gy.shape[1]), gy.dtype)
+    for i in prange(d_in):
+        rows = np.flatnonzero(mask_t[i])
+        _axpy_rows(xt[i], rows, 0, rows.shape[0], gy, gwt[i])
+    return gwt
+
+
+def sparse_weight_grad(x: np.ndarray, mask: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """dW [D_out, D_in] = dY^T (X ⊙ M); X, M [N, D_in], dY [N, D_out] (a transposed view)."""
+    gwt = _weight_grad_t(np.ascontiguousarray(x.T), np.ascontiguousarray(mask.T),
+                         np.ascontiguousarray(gy))
+    return gwt.T

@@ -1,0 +1,145 @@
+"""Ternary weights at 2 bits per weight, int8 activations, integer accumulation (SPEC 3-5).
+
+Packed layout (``PackedTernary.codes``, uint8 [D_in, Q], Q = 32 * ceil(D_out / 128)): like the
+float path, one row per *input* i, so a sparse product reads only the rows of kept inputs.
+Each weight is stored as the code c = t + 1 in {0, 1, 2}; byte b of a row holds the codes of
+outputs b, Q + b, 2Q + b, 3Q + b in bit pairs 0-1, 2-3, 4-5, 6-7 (outputs past D_out hold c = 1,
+t = 0). Four contiguous "planes" decode with one shift and one mask each, so the inner loop
+vectorises over bytes. The product is integer-exact:
+
+    Σ_i q_i t_oi = Σ_i q_i c_oi - Σ_i q_i,    then  y_o = that / (s_x s_w)   (SPEC 5)
+
+Partial sums live in int16 for up to 128 rows (|q c| <= 256, 128 * 256 = 32768 fits) and are
+flushed to int32: int16 lanes are twice as many per AVX2 register as int32 ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..quant import absmean_ternarize
+
+PARALLEL_MIN_CODES = 1 << 22  # K * D_out below this: one thread (see sparse_matmul.py)
+_INT16_ROWS = 128  # rows summed in int16 before a flush to int32
+
+
+@dataclass(frozen=True)
+class PackedTernary:
+    """Ternary codes of W [D_out, D_in] at 2 bits per weight (layout above), scale s_w."""
+
+    codes: np.ndarray  # uint8 [D_in, Q]
+    scale: float  # s_w = 1 / max(mean|W|, 1e-5): W ≈ t / s_w (SPEC 4)
+    shape: tuple  # (D_out, D_in)
+
+
+def pack_ternary(w: np.ndarray) -> PackedTernary:
+    """W [D_out, D_in] float -> t = absmean_ternarize(W) (SPEC 4), packed at 2 bits per weight."""
+    t, s = absmean_ternarize(w)
+    d_out, d_in = t.shape
+    q = 32 * -(-d_out // 128)
+    c = np.ones((d_in, 4 * q), np.uint8)
+    c[:, :d_out] = (t.T + 1).astype(np.uint8)
+    c = c.reshape(d_in, 4, q)
+    codes = c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+    return PackedTernary(np.ascontiguousarray(codes), float(s), (d_out, d_in))
+
+
+def unpack_ternary(p: PackedTernary) -> np.ndarray:
+    """PackedTernary -> t int8 [D_out, D_in] in {-1, 0, 1} (the inverse of pack_ternary)."""
+    d_out, _ = p.shape
+    planes = [(p.codes >> (2 * s)) & 3 for s in range(4)]  # each [D_in, Q]
+    c = np.concatenate(planes, axis=1)[:, :d_out]
+    return (c.astype(np.int8) - 1).T.copy()
+
+
+@njit(cache=True, inline="always")
+def _add_rows(a0, a1, a2, a3, r0, x0, r1, x1):
+    """int16 planes a_s[b] += x0 * c_s(r0[b]) + x1 * c_s(r1[b]); c_s = (byte >> 2s) & 3."""
+    for b in range(r0.shape[0]):
+        v0, v1 = r0[b], r1[b]
+        a0[b] += x0 * (v0 & 3)
+        a0[b] += x1 * (v1 & 3)
+        a1[b] += x0 * ((v0 >> 2) & 3)
+        a1[b] += x1 * ((v1 >> 2) & 3)
+        a2[b] += x0 * ((v0 >> 4) & 3)
+        a2[b] += x1 * ((v1 >> 4) & 3)
+        a3[b] += x0 * ((v0 >> 6) & 3)
+        a3[b] += x1 * ((v1 >> 6) & 3)
+
+
+@njit(cache=True, inline="always")
+def _code_sums(xq, idx, codes, out, lo, hi):
+    """out[s, lo:hi] = Σ_{i in idx} xq[i] * c_s(codes[i, lo:hi]) for the four planes s."""
+    n = hi - lo
+    a0, a1, a2, a3 = np.empty(n, np.int16), np.empty(n, np.int16), np.empty(n, np.int16), \
+        np.empty(n, np.int16)
+    o0, o1, o2, o3 = out[0, lo:hi], out[1, lo:hi], out[2, lo:hi], out[3, lo:hi]
+    k = idx.shape[0]
+    for g in range(0, k, _INT16_ROWS):
+        a0[:] = 0
+        a1[:] = 0
+        a2[:] = 0
+        a3[:] = 0
+        end = min(k, g + _INT16_ROWS)
+        for p in range(g, end, 2):
+            i0 = idx[p]
+            i1 = idx[p + 1] if p + 1 < end else i0
+            x1 = np.int16(xq[i1]) if p + 1 < end else np.int16(0)
+            _add_rows(a0, a1, a2, a3, codes[i0, lo:hi], np.int16(xq[i0]), codes[i1, lo:hi], x1)
+        for b in range(n):
+            o0[b] += a0[b]
+            o1[b] += a1[b]
+            o2[b] += a2[b]
+            o3[b] += a3[b]
+
+
+@njit(cache=True)
+def _ternary_serial(xq, idx, codes):
+    out = np.zeros((4, codes.shape[1]), np.int32)
+    _code_sums(xq, idx, codes, out, 0, codes.shape[1])
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _ternary_parallel(xq, idx, codes, parts):
+    # Split the outputs (byte columns, multiples of 32) between threads: no partial sums to add.
+    q = codes.shape[1]
+    out = np.zeros((4, q), np.int32)
+    step = 32 * -(-q // (32 * parts))
+    for t in prange(parts):
+        _code_sums(xq, idx, codes, out, min(q, t * step), min(q, (t + 1) * step))
+    return out
+
+
+def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
+    """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs)."""
+    if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
+        out = _ternary_serial(xq, idx, p.codes)
+    else:
+        out = _ternary_parallel(xq, idx, p.codes, 2)
+    return out.reshape(-1)[: p.shape[0]] - np.int32(xq[idx].astype(np.int32).sum())
+
+
+@njit(parallel=True, cache=True)
+def _absmax_rows(x):
+    # SPEC 3 in the input's float dtype, operation for operation as the NumPy reference:
+    # s = 127 / max(max|x|, 1e-5), q = clip(rint(x * s), -128, 127).
+    n, d = x.shape
+    q = np.empty((n, d), np.int8)
+    s = np.empty((n, 1), x.dtype)
+    one27, tiny = x.dtype.type(127), x.dtype.type(1e-5)
+    for r in prange(n):
+        si = one27 / max(np.abs(x[r]).max(), tiny)
+        s[r, 0] = si
+        for j in range(d):
+            q[r, j] = min(max(np.rint(x[r, j] * si), -128), 127)
+    return q, s
+
+
+def quantize_rows(x: np.ndarray):
+    """x [..., D] -> (q int8 [..., D], s [..., 1]): SPEC 3 absmax codes, equal to the reference."""
+    q, s = _absmax_rows(np.ascontiguousarray(x).reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)

@@ -1,0 +1,262 @@
+"""The Numba kernels against the NumPy reference (the judge): masks bit for bit, integer
+products exactly, float products and the fused op to float rounding."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import rows_and_block, rows_and_k
+
+from minisparse import kernels
+from minisparse import linear as reference
+from minisparse.kernels import sparse_matmul, ternary
+from minisparse.quant import absmax_quantize, absmean_ternarize
+from minisparse.sparsity import block_topk_mask, topk_mask
+from minisparse.tensor import Tensor, no_grad
+
+
+@st.composite
+def problems(draw, max_rows=9, max_in=70, max_out=40):
+    """(x [N, D_in] with ties, W [D_out, D_in], K): odd sizes, one row or many, K = 1 .. D_in."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n, d_in, d_out = (draw(st.integers(1, m)) for m in (max_rows, max_in, max_out))
+    x = rng.standard_normal((n, d_in))
+    if draw(st.booleans()):  # many equal magnitudes: the tie rule decides
+        x = np.round(x * 2) / 2
+    w = rng.standard_normal((d_out, d_in))
+    k = draw(st.one_of(st.just(1), st.just(d_in), st.integers(1, d_in)))
+    return x, w, k
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """Run the GEMV kernels on both code paths (the size switch moved to 0 for "parallel")."""
+    if request.param == "parallel":
+        monkeypatch.setattr(sparse_matmul, "PARALLEL_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(ternary, "PARALLEL_MIN_CODES", 0)
+    return request.param
+
+
+# the `threads` switch holds for every example of a test, so the fixture need not be reset
+same_threads = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# --- masks: equal to the reference bit for bit ---
+
+
+@given(rows_and_k())
+def test_topk_mask_equals_reference(case):
+    x, k = case
+    np.testing.assert_array_equal(kernels.topk_mask(x, k), topk_mask(x, k))
+
+
+@given(rows_and_block())
+def test_block_topk_mask_equals_reference(case):
+    x, (n, m) = case
+    np.testing.assert_array_equal(kernels.block_topk_mask(x, n, m), block_topk_mask(x, n, m))
+
+
+@given(rows_and_k())
+def test_topk_indices_are_the_kept_positions(case):
+    x, k = case
+    row = x.reshape(-1, x.shape[-1])[0]
+    np.testing.assert_array_equal(kernels.topk_indices(row, k), np.flatnonzero(topk_mask(row, k)))
+
+
+def test_topk_mask_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be in"):
+        kernels.topk_mask(np.ones((2, 3), np.float32), 4)
+    with pytest.raises(ValueError, match="M | D"):
+        kernels.block_topk_mask(np.ones((2, 6), np.float32), 2, 4)
+
+
+# --- float products: equal to the dense product of the masked input ---
+
+
+@same_threads
+@given(problems())
+def test_sparse_gemv_equals_masked_dense(threads, case):
+    x, w, k = case
+    row = x[0]
+    idx = kernels.topk_indices(row, k)
+    y = kernels.sparse_gemv(row, idx, kernels.pack_sparse_weights(w))
+    np.testing.assert_allclose(y, w @ np.where(topk_mask(row, k), row, 0), rtol=1e-12, atol=1e-12)
+
+
+@given(problems())
+def test_sparse_gemm_and_weight_grad_equal_masked_dense(case):
+    x, w, k = case
+    mask = topk_mask(x, k)
+    xm = np.where(mask, x, 0)
+    gy = np.random.default_rng(1).standard_normal((x.shape[0], w.shape[0]))
+    y = kernels.sparse_gemm(x, mask, kernels.pack_sparse_weights(w))
+    np.testing.assert_allclose(y, xm @ w.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(kernels.sparse_weight_grad(x, mask, gy), gy.T @ xm,
+                               rtol=1e-12, atol=1e-12)
+
+
+# --- ternary: packing round trip, integer-exact products, int8 codes equal the reference ---
+
+
+@given(problems(max_out=300))
+def test_pack_ternary_round_trip(case):
+    _, w, _ = case
+    packed = kernels.pack_ternary(w)
+    t, s = absmean_ternarize(w)
+    assert packed.codes.dtype == np.uint8 and packed.codes.shape[1] * 4 >= w.shape[0]
+    assert packed.codes.nbytes * 4 == packed.codes.shape[0] * packed.codes.shape[1] * 4
+    np.testing.assert_array_equal(kernels.unpack_ternary(packed), t)
+    assert packed.scale == s
+
+
+@same_threads
+@given(problems(max_in=300, max_out=300))
+def test_ternary_product_is_integer_exact(threads, case):
+    x, w, k = case
+    q, _ = absmax_quantize(x[:1] * 50)
+    q = q[0]
+    t, _ = absmean_ternarize(w)
+    idx = kernels.topk_indices(q.astype(np.float64), k)
+    exact = t[:, idx].astype(np.int64) @ q[idx].astype(np.int64)
+    got = kernels.ternary_gemv_int(q, idx, kernels.pack_ternary(w))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, exact)
+
+
+def test_ternary_int16_partial_sums_hold_the_extremes():
+    # 300 rows of q = -128 against t = +1 and -1: |partial sums| reach 128 * 256 per flush.
+    w = np.where(np.arange(300)[None, :] % 2 == 0, 1.0, -1.0) * np.ones((130, 1))
+    q = np.full(300, -128, np.int8)
+    idx = np.arange(300)
+    t, _ = absmean_ternarize(w)
+    got = kernels.ternary_gemv_int(q, idx, kernels.pack_ternary(w))
+    np.testing.assert_array_equal(got, t.astype(np.int64) @ q.astype(np.int64))
+
+
+@given(rows_and_k())
+def test_quantize_rows_equals_reference(case):
+    x, _ = case
+    q, s = kernels.quantize_rows(x)
+    q_ref, s_ref = absmax_quantize(x)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    assert s.dtype == x.dtype
+
+
+# --- the fused op: forward and gradients equal the reference composition ---
+
+LINEAR_CASES = [
+    dict(),
+    dict(sparsity=0.5),
+    dict(k=1),
+    dict(sparsity=0.95),  # keep <= 1/10: the sparse product kernels
+    dict(block=(2, 4)),
+    dict(sparsity=0.5, rescale="l2"),
+    dict(sparsity=0.5, ste=False),
+    dict(sparsity=0.95, ste=False, rescale="l2"),
+]
+
+
+def _run(backend, x, w, g, **kwargs):
+    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    y = reference.sparse_linear(xt, wt, backend=backend, **kwargs)
+    y.backward(g)
+    return y.data, xt.grad, wt.grad
+
+
+@pytest.mark.parametrize("bits", [None, 1.58])
+@pytest.mark.parametrize("kwargs", LINEAR_CASES, ids=lambda kw: ",".join(map(str, kw.items())))
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), ties=st.booleans())
+def test_fused_sparse_linear_equals_reference(kwargs, bits, seed, ties):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    if ties:
+        x = np.round(x * 2) / 2
+    w = rng.standard_normal((9, 40)).astype(np.float32)
+    g = rng.standard_normal((2, 3, 9)).astype(np.float32)
+    fast = _run("numba", x, w, g, bits=bits, **kwargs)
+    slow = _run("numpy", x, w, g, bits=bits, **kwargs)
+    for name, a, b in zip(("y", "dx", "dw"), fast, slow, strict=True):
+        assert a.dtype == b.dtype == np.float32, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("bits", [None, 1.58])
+@pytest.mark.parametrize("rescale", ["none", "l2"])
+def test_packed_decode_equals_reference(bits, rescale):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, 48)).astype(np.float32)
+    w = Tensor(rng.standard_normal((20, 48)).astype(np.float32), requires_grad=True)
+    kw = dict(sparsity=0.5, bits=bits, rescale=rescale)
+    want = reference.sparse_linear(Tensor(x), w, backend="numpy", **kw).data
+    w.packed = kernels.pack_linear(w.data, bits)
+    with no_grad():
+        got = reference.sparse_linear(Tensor(x), w, backend="numba", **kw).data
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_model_decodes_like_the_reference():
+    model_mod = pytest.importorskip("minisparse.model")
+    config = model_mod.GPTConfig(vocab_size=11, context=8, d_model=16, n_layers=1, n_heads=2,
+                                 sparsity=0.5, bits=1.58)
+    ref = model_mod.GPT(config, np.random.default_rng(0), backend="numpy")
+    fast = model_mod.GPT(config, np.random.default_rng(0), backend="numba")
+    assert kernels.pack_model(fast) == 7
+    idx = np.array([[3, 1, 4, 1, 5]])
+    cache_r, cache_f = model_mod.KVCache(config), model_mod.KVCache(config)
+    for t in range(idx.shape[1]):  # one token at a time: the packed single-row path
+        want, _ = ref(idx[:, t:t + 1], kv_cache=cache_r)
+        got, _ = fast(idx[:, t:t + 1], kv_cache=cache_f)
+        np.testing.assert_allclose(got.data, want.data, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="read-only"):
+        fast.blocks[0].attn.q.data *= 2  # a packed weight cannot silently go stale
+    kernels.unpack_model(fast)
+    fast.blocks[0].attn.q.data *= 1
+
+
+# --- the backend switch ---
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.delenv("MINISPARSE_BACKEND", raising=False)
+    monkeypatch.delenv("NUMBA_DISABLE_JIT", raising=False)
+    assert kernels.default_backend() == "numba"
+    with kernels.use_backend("numpy"):
+        assert kernels.default_backend() == "numpy"
+        with kernels.use_backend("numba"):
+            assert kernels.default_backend() == "numba"
+        assert kernels.default_backend() == "numpy"
+    monkeypatch.setenv("MINISPARSE_BACKEND", "numpy")
+    assert kernels.default_backend() == "numpy"
+    monkeypatch.setenv("MINISPARSE_BACKEND", "numba")
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
+    assert kernels.default_backend() == "numpy"
+    with pytest.raises(ValueError, match="use_backend"):
+        with kernels.use_backend("torch"):
+            pass
+
+
+def test_numba_disabled_runs_the_reference_and_the_python_kernels():
+    script = """
+import numpy as np
+from minisparse import kernels, linear
+from minisparse.sparsity import topk_mask
+from minisparse.tensor import Tensor
+assert kernels.default_backend() == "numpy"
+x = np.round(np.random.default_rng(0).standard_normal((3, 10)), 1).astype(np.float32)
+w = Tensor(np.ones((4, 10), np.float32))
+y = linear.sparse_linear(Tensor(x), w, sparsity=0.5)      # reference composition
+assert np.allclose(y.data, np.where(topk_mask(x, 5), x, 0) @ w.data.T)
+assert (kernels.topk_mask(x, 5) == topk_mask(x, 5)).all()  # kernels as plain Python
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
