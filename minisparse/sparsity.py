@@ -113,19 +113,27 @@ def block_topk_mask(x, n, m):
     return _block_topk_mask(x, n, m)
 
 
-def _mask(op, x, k, sparsity, block):
-    """The mask SPEC 1 (k or sparsity) or SPEC 2 (block) asks for. With a block, N:M fixes the
-    sparsity: k must be None and sparsity None, 0 or 1 - N/M (the model config's convention)."""
-    d = x.shape[-1]
+def resolve_topk(d, k=None, sparsity=None, block=None, op="resolve_topk"):
+    """Validated (K, None) for top-K of rows of size d, or (None, (N, M)) for N:M block top-K.
+
+    Give exactly one of k / sparsity (SPEC 1), or block (SPEC 2). N:M fixes the sparsity, so with
+    a block k must be None and sparsity None, 0 or 1 - N/M (the model config's convention)."""
     if block is None:
-        return _topk_mask(x, _k_for(op, d, k, sparsity))
+        return _k_for(op, d, k, sparsity), None
     n, m = _check_block(op, block, d)
     if k is not None:
         raise ValueError(f"{op}: give k or block, not both (got k={k!r}, block={block!r})")
-    if sparsity not in (None, 0, 0.0) and not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
-        raise ValueError(f"{op}: block {n}:{m} implies sparsity {1 - n / m:g}, "
+    implied = 1 - n / m
+    if sparsity not in (None, 0) and not (isinstance(sparsity, numbers.Real)
+                                          and math.isclose(sparsity, implied, abs_tol=1e-9)):
+        raise ValueError(f"{op}: block {n}:{m} implies sparsity {implied:g}, "
                          f"got sparsity={sparsity!r}")
-    return _block_topk_mask(x, n, m)
+    return None, (n, m)
+
+
+def _mask(op, x, k, sparsity, block):
+    k, block = resolve_topk(x.shape[-1], k, sparsity, block, op)
+    return _topk_mask(x, k) if block is None else _block_topk_mask(x, *block)
 
 
 def _rescale_factor(op, x, mask, rescale):

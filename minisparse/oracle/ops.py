@@ -1,0 +1,107 @@
+"""Pure NumPy reference of SPEC section 5 and the GLU feed-forward: forward, STE backward, and
+the integer-code inference form. Backward passes are written out by hand (no autograd), so the
+engine's ops can be checked against them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..linear import resolve_linear
+from ..quant import absmax_quantize, absmean_ternarize, dequantize
+from ..sparsity import check_finite, check_float_array, topk_backward, topk_forward
+
+
+def _check(op, **arrays):
+    """Finite float arrays of one dtype (SPEC 1: non-finite input is a ValueError)."""
+    for name, a in arrays.items():
+        check_finite(op, name, check_float_array(op, name, a))
+    dtypes = {name: a.dtype.name for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{op}: arrays must share one float dtype, got {dtypes}")
+
+
+def _layer(op, x, w, sparsity, k, block, rescale, bits, ste=True):
+    """The pieces of SPEC 5 -> (z = sparsify(A(x)) [..., D_in], mask, r, Qw(w) [D_out, D_in]);
+    mask and r are None when nothing is sparsified."""
+    _check(op, x=x, w=w)
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{op}: expected x [..., D_in] and w [D_out, D_in], got x {x.shape} and "
+                         f"w {w.shape}")
+    k, block = resolve_linear(w.shape[1], sparsity=sparsity, k=k, block=block, rescale=rescale,
+                              bits=bits, ste=ste, op=op)
+    a = dequantize(*absmax_quantize(x)) if bits else x
+    z, mask, r = a, None, None
+    if k is not None or block is not None:  # the mask is computed on A(x), what it masks
+        z, mask, r = topk_forward(a, k=k, block=block, rescale=rescale)
+    return z, mask, r, dequantize(*absmean_ternarize(w)) if bits else w
+
+
+def sparse_linear_forward(x, w, *, sparsity=0.0, k=None, block=None, rescale="none", bits=None):
+    """Y [..., D_out] = sparsify(A(X)) @ Qw(W).T, X [..., D_in], W [D_out, D_in] (SPEC 5, eq. 8)."""
+    z, _, _, w_hat = _layer("sparse_linear_forward", x, w, sparsity, k, block, rescale, bits)
+    return z @ w_hat.T
+
+
+def sparse_linear_backward(grad_y, x, w, *, sparsity=0.0, k=None, block=None, rescale="none",
+                           bits=None, ste=True):
+    """(dL/dX, dL/dW) under SPEC's STE rules: dX = topk_backward(g @ Qw(W)), dW = g^T z with
+    z = sparsify(A(X)); quantizers pass g straight through, top-K gives r g or r M ⊙ g."""
+    op = "sparse_linear_backward"
+    z, mask, r, w_hat = _layer(op, x, w, sparsity, k, block, rescale, bits, ste)
+    _check(op, grad_y=grad_y, x=x)
+    if grad_y.shape != (*x.shape[:-1], w.shape[0]):
+        raise ValueError(f"{op}: grad_y must have shape {(*x.shape[:-1], w.shape[0])}, got "
+                         f"{grad_y.shape}")
+    grad_z = grad_y @ w_hat  # [..., D_out] @ [D_out, D_in]
+    grad_x = grad_z if mask is None else topk_backward(grad_z, mask, r, ste)
+    grad_w = grad_y.reshape(-1, w.shape[0]).T @ z.reshape(-1, w.shape[1])  # sum over tokens
+    return grad_x, grad_w
+
+
+def sparse_linear_int(x, w, *, sparsity=0.0, k=None, block=None, rescale="none"):
+    """Integer-code inference form of SPEC 5 with bits=1.58: Y = r (q ⊙ M) @ t.T / (s_x s_w).
+
+    q int8 [..., D_in] and t int8 [D_out, D_in] multiply with int32 accumulation (exact while
+    128 * D_in < 2^31); equals ``sparse_linear_forward(..., bits=1.58)`` to float rounding."""
+    _, mask, r, _ = _layer("sparse_linear_int", x, w, sparsity, k, block, rescale, 1.58)
+    q, s_x = absmax_quantize(x)
+    t, s_w = absmean_ternarize(w)
+    if mask is not None:
+        q = np.where(mask, q, 0)
+    acc = q.astype(np.int32) @ t.T.astype(np.int32)  # [..., D_out], exact integers
+    y = acc.astype(x.dtype) / (s_x * s_w)
+    return y if r is None else r * y
+
+
+# ---- the GLU feed-forward (SPEC 6): forward and hand-written backward ----------------------------
+
+
+def _act(act, g):
+    """(act(g), act'(g)): relu(g)^2 (Q-Sparse eq. 11) or silu(g) = g sigmoid(g)."""
+    if act == "relu2":
+        rg = np.maximum(g, 0)
+        return rg * rg, 2 * rg
+    if act == "silu":
+        s = 0.5 * (1 + np.tanh(0.5 * g))  # sigmoid without overflow
+        return g * s, s * (1 + g * (1 - s))
+    raise ValueError(f'ffn: act must be "relu2" or "silu", got {act!r}')
+
+
+def ffn_forward(h, up, gate, down, *, act="relu2", **linear_kwargs):
+    """y [..., d] = down(up(h) * act(gate(h))), each projection a sparse_linear_forward."""
+    u = sparse_linear_forward(h, up, **linear_kwargs)
+    f = u * _act(act, sparse_linear_forward(h, gate, **linear_kwargs))[0]
+    return sparse_linear_forward(f, down, **linear_kwargs)
+
+
+def ffn_backward(grad_y, h, up, gate, down, *, act="relu2", ste=True, **linear_kwargs):
+    """(dh, d_up, d_gate, d_down) of ``ffn_forward`` under the STE rules of each projection."""
+    u = sparse_linear_forward(h, up, **linear_kwargs)  # recompute the forward: pure function
+    g = sparse_linear_forward(h, gate, **linear_kwargs)
+    a, da = _act(act, g)
+    grad_f, grad_down = sparse_linear_backward(grad_y, u * a, down, ste=ste, **linear_kwargs)
+    grad_h_up, grad_up = sparse_linear_backward(grad_f * a, h, up, ste=ste, **linear_kwargs)
+    grad_h_gate, grad_gate = sparse_linear_backward(grad_f * u * da, h, gate, ste=ste,
+                                                    **linear_kwargs)
+    return grad_h_up + grad_h_gate, grad_up, grad_gate, grad_down

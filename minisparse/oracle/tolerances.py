@@ -1,0 +1,93 @@
+"""How close another implementation must come to the reference, per dtype, and the one
+comparison rule that applies it (used by the harness, the golden-vector checks and the tests).
+
+An entry passes when ``|got - expected| <= atol + rtol * max|expected|``: the error is measured
+against the largest entry of the compared array, so a sum that cancels to ~0 is not held to a
+relative bound it cannot meet. Three kinds of result, by how much rounding the SPEC leaves open:
+
+- ``exact``: no arithmetic, or arithmetic the SPEC fixes step by step. Top-K masks and outputs
+  without rescale (a selection), int8 / ternary codes (SPEC 3-4 fix ``rint(x * s)`` in the input
+  dtype), straight-through gradients without rescale (``g`` or ``M ⊙ g``).
+- ``elementwise``: a short, fixed chain of roundings per entry, e.g. ``q / s`` vs ``q * (1 / s)``:
+  the absmax scale ``127 / max(gamma, 1e-5)``, dequantized values. A few units in the last place.
+- ``reduction``: a sum whose order is the implementation's choice: the l2 rescale factor ``r``
+  and everything it multiplies, the absmean scale, matmul outputs and weight / input gradients.
+  Sized for sums of up to a few thousand terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float  # relative to the largest |expected| entry of the compared array
+    atol: float  # absolute floor: the smallest normal number, for all-(near-)zero arrays
+
+
+def _table(dtype, elementwise, reduction):
+    tiny = float(np.finfo(dtype).tiny)
+    return {"exact": Tolerance(0.0, 0.0), "elementwise": Tolerance(elementwise, tiny),
+            "reduction": Tolerance(reduction, tiny)}
+
+
+# float32 eps = 1.2e-7, float64 eps = 2.2e-16: elementwise allows ~8 eps, reductions ~100 eps
+# (float32) / ~5000 eps (float64, whose sums of thousands of terms lose more digits in ulps).
+TOLERANCES = {
+    "float32": _table(np.float32, elementwise=1e-6, reduction=1e-5),
+    "float64": _table(np.float64, elementwise=2e-15, reduction=1e-12),
+}
+
+
+def tolerance(dtype, kind) -> Tolerance:
+    """The Tolerance for ``kind`` ("exact" | "elementwise" | "reduction") results in ``dtype``."""
+    table = TOLERANCES.get(np.dtype(dtype).name)
+    if table is None or kind not in table:
+        raise ValueError(f"tolerance: no entry for dtype {np.dtype(dtype).name} and kind {kind!r}; "
+                         f"dtypes {list(TOLERANCES)}, kinds {list(TOLERANCES['float32'])}")
+    return table[kind]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Why ``got`` fails to match ``expected``: a wrong shape/dtype, or the largest error."""
+
+    name: str
+    reason: str
+    max_error: float = float("nan")
+    index: tuple | None = None
+    expected_value: object = None
+    got_value: object = None
+
+    def __str__(self):
+        if self.index is None:
+            return f"output {self.name!r}: {self.reason}"
+        return (f"output {self.name!r}: {self.reason}; largest error {self.max_error:.6g} at index "
+                f"{self.index}: expected {self.expected_value!r}, got {self.got_value!r}")
+
+
+def compare(name, got, expected, kind) -> Mismatch | None:
+    """None if ``got`` matches ``expected`` (same shape and dtype, within the ``kind`` tolerance
+    of expected's dtype), else the Mismatch with the largest error. Compare codes with "exact"."""
+    got = np.asarray(got)
+    if got.dtype == object:
+        return Mismatch(name, f"is not a numeric array (got {type(got.flat[0]).__name__} items)")
+    if got.shape != expected.shape:
+        return Mismatch(name, f"has shape {got.shape}, expected {expected.shape}")
+    if got.dtype != expected.dtype:
+        return Mismatch(name, f"has dtype {got.dtype}, expected {expected.dtype}")
+    tol = tolerance(expected.dtype if expected.dtype.kind == "f" else np.float64, kind)
+    exp = expected.astype(np.float64)
+    err = np.abs(got.astype(np.float64) - exp)
+    err[np.isnan(err)] = np.inf  # NaN fails every bound
+    allowed = tol.atol + tol.rtol * (np.abs(exp).max() if exp.size else 0.0)
+    bad = err > allowed
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.unravel_index(np.argmax(err), err.shape))
+    return Mismatch(name, f"{int(bad.sum())} of {err.size} entries differ (tolerance: {kind}, "
+                          f"allowed {allowed:.3g})", float(err[index]), index,
+                    expected[index].item(), got[index].item())

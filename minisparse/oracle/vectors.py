@@ -1,0 +1,161 @@
+"""minisparse golden vectors, format version 1.
+
+One NumPy ``.npz`` file per case, named ``<op>-<case>.npz``, readable with
+``np.load(path, allow_pickle=False)``. Keys:
+
+  format_version   int64 scalar, 1
+  op               str scalar: topk | absmax_quantize | absmean_ternarize | sparse_linear | ffn
+  params           str scalar: a JSON object of the op's keyword arguments (block as [N, M])
+  input.<name>     the op's inputs, in its dtype (float32 or float64); grad_y is dL/d(output)
+  output.<name>    forward results
+  grad.<name>      dL/d<name> for each differentiable input, given input.grad_y
+
+What each op computes (SPEC.md sections 1-6; STE backward unless "ste": false):
+
+  topk               x, grad_y; k | sparsity | block, rescale, ste -> y, mask, r; grad.x
+  absmax_quantize    x, grad_y -> q (int8), s [..., 1]; grad.x (= grad_y, STE)
+  absmean_ternarize  w, grad_y -> t (int8), s [] ; grad.w (= grad_y, STE)
+  sparse_linear      x, w, grad_y; sparsity, k, block, rescale, bits, ste -> y (and y_int, the
+                     integer-code form, when bits = 1.58); grad.x, grad.w
+  ffn                h, up, gate, down, grad_y; act + sparse_linear's -> y; grad.h/up/gate/down
+
+Compare with the tolerances of ``minisparse.oracle.TOLERANCES`` (masks and codes exactly).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..quant import absmax_quantize, absmean_ternarize
+from ..sparsity import topk_backward, topk_forward
+from .ops import (
+    ffn_backward,
+    ffn_forward,
+    sparse_linear_backward,
+    sparse_linear_forward,
+    sparse_linear_int,
+)
+
+FORMAT_VERSION = 1
+
+
+def compute(op, params, inputs):
+    """The reference results of one case -> (outputs, grads), dicts of arrays."""
+    p = dict(params)
+    if p.get("block") is not None:
+        p["block"] = tuple(p["block"])
+    g = inputs["grad_y"]
+    if op == "topk":
+        ste = p.pop("ste")
+        y, mask, r = topk_forward(inputs["x"], **p)
+        return {"y": y, "mask": mask, "r": r}, {"x": topk_backward(g, mask, r, ste)}
+    if op == "absmax_quantize":
+        q, s = absmax_quantize(inputs["x"])
+        return {"q": q, "s": s}, {"x": g}
+    if op == "absmean_ternarize":
+        t, s = absmean_ternarize(inputs["w"])
+        return {"t": t, "s": np.asarray(s)}, {"w": g}
+    if op == "sparse_linear":
+        x, w, ste = inputs["x"], inputs["w"], p.pop("ste")
+        out = {"y": sparse_linear_forward(x, w, **p)}
+        if p["bits"] == 1.58:
+            out["y_int"] = sparse_linear_int(x, w, **{k: v for k, v in p.items() if k != "bits"})
+        gx, gw = sparse_linear_backward(g, x, w, ste=ste, **p)
+        return out, {"x": gx, "w": gw}
+    if op == "ffn":
+        args = [inputs[n] for n in ("h", "up", "gate", "down")]
+        grads = ffn_backward(g, *args, **p)
+        p.pop("ste")
+        return {"y": ffn_forward(*args, **p)}, dict(zip(("h", "up", "gate", "down"), grads,
+                                                        strict=True))
+    raise ValueError(f"compute: unknown op {op!r}")
+
+
+def _cases(rng):
+    """(op, case, params, inputs) for every golden vector; all randomness from ``rng``."""
+
+    def normal(*shape, dtype=np.float64, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    def rows(*shape, dtype=np.float64):  # each row at its own magnitude, for per-token scales
+        return normal(*shape, dtype=dtype) * 10.0 ** rng.integers(-3, 4, (*shape[:-1], 1))
+
+    ties = rng.choice([0.0, 1.0, -1.0, 2.0, -2.0], (4, 12)).astype(np.float32)
+    half = rng.integers(-253, 254, (3, 16)) / 2
+    half[:, 0] = 127.0  # s = 1: x * s lands exactly on .5 (SPEC 3: round half to even)
+    topk = dict(k=None, sparsity=None, block=None, rescale="none", ste=True)
+    linear = dict(sparsity=0.0, k=None, block=None, rescale="none", bits=None, ste=True)
+    x, w = normal(3, 5, 16), normal(8, 16, scale=0.1)
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    h, up, gate, down = normal(2, 4, 16), normal(24, 16), normal(24, 16), normal(16, 24)
+    yield from (
+        ("topk", "k3", {**topk, "k": 3}, {"x": normal(4, 16)}),
+        ("topk", "ties_k5", {**topk, "k": 5}, {"x": ties}),
+        ("topk", "k1", {**topk, "k": 1}, {"x": normal(4, 16, dtype=np.float32)}),
+        ("topk", "kD", {**topk, "k": 16}, {"x": normal(4, 16)}),
+        ("topk", "sparsity_l2", {**topk, "sparsity": 0.6, "rescale": "l2"}, {"x": rows(3, 20)}),
+        ("topk", "masked", {**topk, "k": 4, "ste": False}, {"x": ties}),
+        ("topk", "block_16_32", {**topk, "block": [16, 32]}, {"x": normal(3, 64)}),
+        ("absmax_quantize", "rows", {}, {"x": rows(4, 16, dtype=np.float32)}),
+        ("absmax_quantize", "half_steps", {}, {"x": half.astype(np.float32)}),
+        ("absmax_quantize", "tiny", {}, {"x": normal(2, 8, scale=1e-7)}),
+        ("absmean_ternarize", "normal", {}, {"w": normal(8, 16, dtype=np.float32)}),
+        ("absmean_ternarize", "tiny", {}, {"w": normal(4, 4, scale=1e-7)}),
+        ("sparse_linear", "dense", linear, {"x": x, "w": w}),
+        ("sparse_linear", "topk", {**linear, "sparsity": 0.5}, {"x": x, "w": w}),
+        ("sparse_linear", "topk_l2_masked", {**linear, "k": 5, "rescale": "l2", "ste": False},
+         {"x": x, "w": w}),
+        ("sparse_linear", "bits", {**linear, "bits": 1.58}, {"x": x32, "w": w32}),
+        ("sparse_linear", "bits_topk", {**linear, "bits": 1.58, "sparsity": 0.5},
+         {"x": x32, "w": w32}),
+        ("sparse_linear", "bits_block_l2", {**linear, "bits": 1.58, "block": [2, 4],
+                                            "rescale": "l2"}, {"x": x, "w": w}),
+        ("ffn", "relu2_sparse_bits", {**linear, "act": "relu2", "sparsity": 0.5, "bits": 1.58},
+         {"h": h, "up": up, "gate": gate, "down": down}),
+        ("ffn", "silu_dense", {**linear, "act": "silu"},
+         {"h": h, "up": up, "gate": gate, "down": down}),
+    )
+
+
+def write_vectors(out_dir, seed=0):
+    """Write every golden vector (and README.txt, this format) to ``out_dir``; -> list of paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "README.txt").write_text(__doc__)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for op, case, params, inputs in _cases(rng):
+        first = next(iter(inputs.values()))  # x, w or h: it sets the dtype and, but for
+        shape = first.shape                  # sparse_linear (d_in -> d_out), the output shape
+        if op == "sparse_linear":
+            shape = (*shape[:-1], inputs["w"].shape[0])
+        inputs = {**inputs, "grad_y": rng.standard_normal(shape).astype(first.dtype)}
+        outputs, grads = compute(op, params, inputs)
+        arrays = {"format_version": np.array(FORMAT_VERSION), "op": np.array(op),
+                  "params": np.array(json.dumps(params, sort_keys=True))}
+        for prefix, group in (("input", inputs), ("output", outputs), ("grad", grads)):
+            arrays.update({f"{prefix}.{name}": a for name, a in group.items()})
+        path = out_dir / f"{op}-{case}.npz"
+        np.savez(path, **arrays)
+        paths.append(path)
+    return paths
+
+
+def read_vector(path):
+    """Load one golden vector -> dict(op, params, inputs, outputs, grads); checks the version."""
+    with np.load(path, allow_pickle=False) as data:
+        version = int(data["format_version"])
+        if version != FORMAT_VERSION:
+            raise ValueError(f"read_vector: {path} has format_version {version}, this minisparse "
+                             f"reads {FORMAT_VERSION}")
+        vector = {"op": str(data["op"]), "params": json.loads(str(data["params"])),
+                  "inputs": {}, "outputs": {}, "grads": {}}
+        for key in data.files:
+            prefix, _, name = key.partition(".")
+            group = {"input": "inputs", "output": "outputs", "grad": "grads"}.get(prefix)
+            if group is not None:
+                vector[group][name] = data[key]
+    return vector
