@@ -154,8 +154,8 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     if resume and not ckpt_path.exists():
         raise CheckpointError(f"nothing to resume: no checkpoint at {ckpt_path}")
     if not resume and not overwrite and ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists: resume it, or choose another output "
-                         "directory, or overwrite it")
+        raise ValueError(f"{ckpt_path} exists: resume it (--resume), choose another output "
+                         "directory (--out) or overwrite it (--overwrite)")
     base = load_checkpoint(ckpt_path if resume else init_from) if (resume or init_from) else None
 
     settings = _settings(settings, base.settings if resume else {})

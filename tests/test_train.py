@@ -21,9 +21,10 @@ def settings(**overrides):
     return {**base, **overrides}
 
 
-def run(out_dir, model=TINY, **kw):
+def run(out_dir, model=TINY, backend="numpy", **kw):
+    """A tiny run on the NumPy reference ops (no Numba compile time), unless told otherwise."""
     s = kw.pop("settings", settings())
-    return train(model, s, text=TEXT, out_dir=out_dir, progress=False, **kw)
+    return train(model, s, text=TEXT, out_dir=out_dir, backend=backend, progress=False, **kw)
 
 
 def assert_same_state(a, b):
@@ -67,9 +68,11 @@ def test_short_run_loss_falls(tmp_path):
 
 
 def test_ctrl_c_saves_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    full = run(tmp_path / "full")
+    # on the default backend (Numba kernels) and a sparse model: the path users run
+    sparse = {**TINY, "sparsity": 0.5}
+    full = run(tmp_path / "full", model=sparse, backend=None)
     interrupt_at(monkeypatch, step=7)
-    stopped = run(tmp_path / "cut")
+    stopped = run(tmp_path / "cut", model=sparse, backend=None)
     assert stopped.stopped.startswith("interrupted at step 7")
     assert stopped.step == 7 and load_checkpoint(stopped.checkpoint).step == 7
     monkeypatch.undo()
