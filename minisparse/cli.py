@@ -62,6 +62,7 @@ def build_parser() -> Parser:
     _info_parser(sub)
     # --- oracle commands --- (register parsers here; define them in the section below)
     # --- bench ---
+    _bench_parser(sub)
     # --- sweep ---
     return parser
 
@@ -312,5 +313,13 @@ def _info(args) -> int:
 # --- oracle commands ---
 
 # --- bench ---
+
+
+def _bench_parser(sub):
+    """``minisparse bench``: parser and handler live in bench.py (imported only when used)."""
+    from .bench import add_parser
+
+    add_parser(sub)
+
 
 # --- sweep ---
