@@ -1,8 +1,11 @@
 """Exact top-K masks (SPEC sections 1-2) compiled with Numba, parallel over rows.
 
-Per row: find the K-th largest |x| (a selection, O(D)) as a threshold, keep everything above it,
-then the first (lowest-index) entries equal to it until K are kept. That is exactly the order of
-``np.argsort(-abs(x), kind="stable")`` -- the SPEC tie rule -- without sorting the row.
+Per row, the K-th largest |x| is found without sorting: for floats >= 0 the IEEE bit pattern,
+read as an integer, orders like the value, so a bitwise binary search on |x|'s bits (31 passes
+for float32, 63 for float64, each a vectorised count of #{|x| >= t}) gives the largest t with
+at least K entries >= t -- the K-th largest magnitude. Everything above t is kept, then the
+first (lowest-index) entries equal to t until K are kept: exactly the order of
+``np.argsort(-abs(x), kind="stable")``, the SPEC tie rule (-0.0 and 0.0 tie, as in np.abs).
 N:M blocks are the same kernel on rows of length M (a [..., D] array viewed as [..., D/M, M]).
 Like the training path of the reference, these kernels do not check for NaN/inf.
 """
@@ -14,62 +17,82 @@ from numba import njit, prange
 
 
 @njit(cache=True, inline="always")
-def _row_mask(x, k, keep):
-    """keep[:] = top-k mask of |x| for one row x [D] (ties at the K-th magnitude: lower index)."""
+def _row_topk(x, xb, nbits, k, keep, y):
+    """keep[:] = top-k mask of |x| for one row, y[:] = x ⊙ keep; xb = x's bits as signed ints."""
     d = x.shape[0]
-    a = np.abs(x)
-    thr = np.partition(a, d - k)[d - k]  # the k-th largest |x|
+    low = (1 << nbits) - 1  # clears the sign bit: |x|'s bits
+    t = 0
+    for b in range(nbits - 1, -1, -1):  # the largest t with #{|x| >= t} >= k
+        cand = t | (1 << b)
+        c = 0
+        for j in range(d):
+            c += (xb[j] & low) >= cand
+        if c >= k:
+            t = cand
     above = 0
     for j in range(d):
-        above += a[j] > thr
-    ties = k - above  # how many entries equal to thr still get in, lowest index first
+        above += (xb[j] & low) > t
+    ties = k - above  # entries equal to the k-th largest that still get in, lowest index first
     for j in range(d):
-        if a[j] > thr:
-            keep[j] = True
-        elif a[j] == thr and ties > 0:
-            keep[j] = True
-            ties -= 1
-        else:
-            keep[j] = False
+        a = xb[j] & low
+        keep[j] = a > t or (a == t and ties > 0)
+        ties -= a == t
+        y[j] = x[j] if keep[j] else 0
 
 
 @njit(parallel=True, cache=True)
-def _topk_rows(x, k):
-    """x [N, D] -> bool mask [N, D], k ones per row."""
+def _topk_rows(x, xb, nbits, k):
+    """x [N, D] -> (mask [N, D] with k ones per row, x ⊙ mask)."""
     n, d = x.shape
     mask = np.empty((n, d), np.bool_)
+    y = np.empty_like(x)
     for i in prange(n):
-        _row_mask(x[i], k, mask[i])
-    return mask
+        _row_topk(x[i], xb[i], nbits, k, mask[i], y[i])
+    return mask, y
 
 
 @njit(cache=True)
-def _topk_row_indices(x, k):
-    """x [D] -> int64 [k]: ascending indices of the top-k |x| (the kept inputs of one token)."""
+def _row_indices(x, xb, nbits, k):
+    """One row x [D] -> ascending int64 indices of its top k (serial: a decode step's token)."""
     keep = np.empty(x.shape[0], np.bool_)
-    _row_mask(x, k, keep)
+    _row_topk(x, xb, nbits, k, keep, np.empty_like(x))
     return np.flatnonzero(keep)
 
 
-def _rows(x, d):
-    """[..., D] float array as a C-contiguous [N, d] view (d = D, or M for N:M blocks)."""
-    return np.ascontiguousarray(x).reshape(-1, d)
+def _bits(rows):
+    """rows as signed ints of the float's width, and how many bits |x| has."""
+    return (rows.view(np.int32), 31) if rows.dtype == np.float32 else (rows.view(np.int64), 63)
+
+
+def _select(x, d, k):
+    """(mask, x ⊙ mask) of [..., D] x, top-k within consecutive groups of d (d = D or M)."""
+    rows = np.ascontiguousarray(x).reshape(-1, d)
+    mask, y = _topk_rows(rows, *_bits(rows), k)
+    return mask.reshape(x.shape), y.reshape(x.shape)
+
+
+def topk_select(x: np.ndarray, k=None, block=None):
+    """(M, X ⊙ M) for X [..., D] float32/64: top-k per row (SPEC 1) or N:M blocks (SPEC 2)."""
+    if block is None:
+        d = x.shape[-1]
+        if not 1 <= k <= d:
+            raise ValueError(f"topk_mask: k must be in [1, {d}] for rows of size D={d}, got {k}")
+        return _select(x, d, k)
+    n, m = block
+    if not 1 <= n <= m or x.shape[-1] % m:
+        raise ValueError(f"block_topk_mask: need 1 <= N <= M and M | D, got N={n}, M={m}, "
+                         f"D={x.shape[-1]}")
+    return _select(x, m, n)
 
 
 def topk_mask(x: np.ndarray, k: int) -> np.ndarray:
     """Bool mask [..., D]: 1 at the k largest |x| per row, ties to the lower index (SPEC 1)."""
-    d = x.shape[-1]
-    if not 1 <= k <= d:
-        raise ValueError(f"topk_mask: k must be in [1, {d}] for rows of size D={d}, got {k}")
-    return _topk_rows(_rows(x, d), k).reshape(x.shape)
+    return topk_select(x, k=k)[0]
 
 
 def block_topk_mask(x: np.ndarray, n: int, m: int) -> np.ndarray:
     """Bool mask [..., D]: the n largest |x| in each block of m consecutive features (SPEC 2)."""
-    if not 1 <= n <= m or x.shape[-1] % m:
-        raise ValueError(f"block_topk_mask: need 1 <= N <= M and M | D, got N={n}, M={m}, "
-                         f"D={x.shape[-1]}")
-    return _topk_rows(_rows(x, m), n).reshape(x.shape)
+    return topk_select(x, block=(n, m))[0]
 
 
 def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
@@ -77,4 +100,5 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     if x.ndim != 1 or not 1 <= k <= x.shape[0]:
         raise ValueError(f"topk_indices: need a 1-d row and 1 <= k <= D, got shape {x.shape}, "
                          f"k={k}")
-    return _topk_row_indices(np.ascontiguousarray(x), k)
+    x = np.ascontiguousarray(x)
+    return _row_indices(x, *_bits(x), k)
