@@ -12,11 +12,11 @@ import sys
 import numpy as np
 
 from .checkpoint import load_checkpoint
-from .data import BUNDLED, CharTokenizer, bundled_text, load_text, make_dataset
+from .data import CharTokenizer, make_dataset
 from .generate import generate
 from .linear import BACKENDS
 from .model import GPT, GPTConfig, count_params
-from .train import TrainSettings, evaluate, train
+from .train import TrainSettings, evaluate, resolve_text, train
 
 DEFAULT_OUT = "runs/default"
 
@@ -61,9 +61,13 @@ def build_parser() -> Parser:
     _eval_parser(sub)
     _info_parser(sub)
     # --- oracle commands --- (register parsers here; define them in the section below)
+    _vectors_parser(sub)
+    _check_parser(sub)
     # --- bench ---
     _bench_parser(sub)
     # --- sweep ---
+    _sweep_parser(sub)
+    _ablate_parser(sub)
     return parser
 
 
@@ -130,14 +134,6 @@ def _add_backend_flag(p: argparse.ArgumentParser) -> None:
 def _model_overrides(args) -> dict:
     """The model flags the user set (unset ones are absent from ``args``)."""
     return {k: v for k, v in vars(args).items() if k in MODEL_FLAGS}
-
-
-def _data_text(data, ckpt_data: dict) -> str:
-    """Text of --data, else of the checkpoint's recorded source, else the bundled corpus."""
-    source = data if data is not None else ckpt_data.get("source", BUNDLED)
-    if source == "<text>":
-        raise ValueError("the checkpoint was trained on in-memory text; pass --data PATH")
-    return bundled_text() if source == BUNDLED else load_text(source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +260,7 @@ def _eval_parser(sub) -> None:
 def _eval(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     saved = TrainSettings.from_dict(ckpt.settings)
-    text = _data_text(args.data, ckpt.data)
+    text, _ = resolve_text(None, args.data, ckpt.data)
     data = make_dataset(text, ckpt.config.context, CharTokenizer(ckpt.vocab))
     seed = saved.eval_seed if args.seed is None else args.seed
     batch = saved.batch if args.batch is None else args.batch
@@ -312,6 +308,52 @@ def _info(args) -> int:
 
 # --- oracle commands ---
 
+
+def _vectors_parser(sub) -> None:
+    p = sub.add_parser("vectors", help="write golden test vectors (.npz) for every op",
+                       description="Write the oracle's golden vectors: one .npz per op and case "
+                                   "(inputs, outputs, gradients), and README.txt on the format.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    p.set_defaults(handler=_vectors)
+
+
+def _vectors(args) -> int:
+    from .oracle import write_vectors
+
+    paths = write_vectors(args.out_dir, seed=args.seed)
+    print(f"wrote {len(paths)} golden vectors and README.txt to {args.out_dir}")
+    return 0
+
+
+CHECK_OPS = "topk, block_topk, sparsify, absmax, absmean, sparse_linear"
+
+
+def _check_parser(sub) -> None:
+    p = sub.add_parser("check", help="check your implementation of an op against the reference",
+                       description="Run hypothesis-generated cases (ties, K=1, K=D, half steps, "
+                                   "tiny and huge values, float32/64) through MODULE:FUNCTION and "
+                                   "the reference; print the smallest failing input. Calling "
+                                   "convention per op: pydoc minisparse.oracle.harness")
+    p.add_argument("target", metavar="MODULE:FUNCTION",
+                   help="e.g. mykernels:topk or path/to/file.py:topk")
+    p.add_argument("--op", required=True, help=f"the op fn implements: {CHECK_OPS}")
+    p.add_argument("--max-examples", type=_positive_int, default=200,
+                   help="generated cases (200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (0)")
+    p.set_defaults(handler=_check)
+
+
+def _check(args) -> int:
+    try:
+        from .oracle.harness import check, load_function
+    except ImportError as e:  # hypothesis missing
+        raise ValueError(str(e)) from None
+    report = check(args.op, load_function(args.target), max_examples=args.max_examples,
+                   seed=args.seed)
+    print(report)
+    return 0 if report.passed else 1
+
 # --- bench ---
 
 
@@ -323,3 +365,107 @@ def _bench_parser(sub):
 
 
 # --- sweep ---
+
+
+def _list(kind, name):
+    """argparse type: a comma-separated list of `kind` ('0,0.5,0.7')."""
+
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {name}, "
+                                             f"got {text!r}") from None
+
+    return parse
+
+
+def _size(text: str):
+    """'64x2' -> (d_model 64, n_layers 2)."""
+    d, sep, n = text.partition("x")
+    if not sep or not d.isdigit() or not n.isdigit():
+        raise ValueError(text)
+    return int(d), int(n)
+
+
+def _recipe_flags(p, iters: int) -> None:
+    g = p.add_argument_group("recipe (shared by every run)")
+    g.add_argument("--iters", type=_positive_int, default=iters, help=f"steps per run ({iters})")
+    g.add_argument("--batch", type=_positive_int, default=12, help="batch size (12)")
+    g.add_argument("--context", type=_positive_int, default=64, help="context length (64)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: tiny Shakespeare)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib)")
+    p.add_argument("--progress", action="store_true", help="show each run's progress")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="train a grid of sizes x sparsities and fit the scaling law (SPEC 8)",
+        description="Train every (size, sparsity, bits, seed) of the grid, skipping runs "
+                    "already in OUT/results.csv (an interrupted run resumes from its "
+                    "checkpoint), then fit L(N, S) = E + (B + C exp(beta/(1-S))) / N^alpha "
+                    "and report E, B, C, alpha, beta and S* (OUT/fit.json, OUT/scaling.png).")
+    p.add_argument("--out", default="runs/sweep", metavar="DIR", help="output directory "
+                   "(runs/sweep)")
+    p.add_argument("--sizes", type=_list(_size, "DxL sizes"), default=((32, 1), (48, 1),
+                   (64, 2), (96, 2)), metavar="DxL,...",
+                   help="d_model x n_layers (32x1,48x1,64x2,96x2); heads of 32")
+    p.add_argument("--sparsities", type=_list(float, "numbers"), default=(0.0, 0.5, 0.7, 0.85),
+                   metavar="S,...", help="top-K sparsities (0,0.5,0.7,0.85)")
+    p.add_argument("--bits", type=_list(_bits, "1.58|none"), default=(None,),
+                   metavar="none|1.58,...", help="precisions; one fit per value (none)")
+    p.add_argument("--seeds", type=_list(int, "integers"), default=(0,), metavar="SEED,...",
+                   help="seeds (0)")
+    p.add_argument("--final-eval-batches", type=_positive_int, default=50,
+                   help="validation batches of each run's final loss (50)")
+    _recipe_flags(p, iters=300)
+    p.set_defaults(handler=_sweep)
+
+
+def _sweep(args) -> int:
+    from .sweep import Grid, run_sweep
+
+    grid = Grid(sizes=args.sizes, sparsities=args.sparsities, bits=args.bits, seeds=args.seeds,
+                iters=args.iters, batch=args.batch, context=args.context, lr=args.lr,
+                final_eval_batches=args.final_eval_batches)
+    try:
+        run_sweep(grid, args.out, data_path=args.data, plot=not args.no_plot,
+                  progress=args.progress)
+    except KeyboardInterrupt as e:
+        _error(f"{e or 'interrupted'}; run the same command again to resume")
+        return 130
+    return 0
+
+
+def _ablate_parser(sub) -> None:
+    p = sub.add_parser(
+        "ablate", help="paper ablations: ste | block | continue",
+        description="ste: top-K with STE vs masked gradient vs ReLU-only (Figs 8-9); block: "
+                    "Block Q-Sparse 16:32 vs top-K 50%% vs dense (Fig 7); continue: dense "
+                    "then Q-Sparse vs Q-Sparse from scratch vs dense (section 4.2). Resumable; "
+                    "writes OUT/results.csv and OUT/KIND.png.")
+    p.add_argument("kind", choices=("ste", "block", "continue"))
+    p.add_argument("--out", default="runs/ablate", metavar="DIR",
+                   help="output directory (runs/ablate)")
+    p.add_argument("--d-model", type=_positive_int, default=64, help="model width (64)")
+    p.add_argument("--n-layers", type=_positive_int, default=2, help="blocks (2)")
+    p.add_argument("--sparsity", type=float, default=0.7,
+                   help="top-K sparsity of ste and continue (0.7)")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    _recipe_flags(p, iters=600)
+    p.set_defaults(handler=_ablate)
+
+
+def _ablate(args) -> int:
+    from .sweep import run_ablation
+
+    try:
+        run_ablation(args.kind, args.out, data_path=args.data, plot=not args.no_plot,
+                     progress=args.progress, d_model=args.d_model, n_layers=args.n_layers,
+                     sparsity=args.sparsity, iters=args.iters, seed=args.seed,
+                     batch=args.batch, context=args.context, lr=args.lr)
+    except KeyboardInterrupt as e:
+        _error(f"{e or 'interrupted'}; run the same command again to resume")
+        return 130
+    return 0

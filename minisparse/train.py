@@ -159,7 +159,7 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     base = load_checkpoint(ckpt_path if resume else init_from) if (resume or init_from) else None
 
     settings = _settings(settings, base.settings if resume else {})
-    text, source = _text(text, data_path, base.data if resume else {})
+    text, source = resolve_text(text, data_path, base.data if resume else {})
     tokenizer = CharTokenizer(base.vocab) if base else CharTokenizer.from_text(text)
     config = _config(model_config, base, resume, tokenizer.vocab_size)
     data = make_dataset(text, config.context, tokenizer)
@@ -252,8 +252,9 @@ def _settings(settings, saved: dict) -> TrainSettings:
     return TrainSettings.from_dict({**saved, **(settings or {})})
 
 
-def _text(text, data_path, saved: dict):
-    """-> (text, source) from the argument, the file, the resumed run's source, or bundled."""
+def resolve_text(text, data_path, saved: dict):
+    """-> (text, source): ``text``, else the file ``data_path``, else the source recorded in a
+    checkpoint's ``data`` dict ``saved``, else the bundled corpus."""
     if text is not None and data_path is not None:
         raise ValueError("give either text or data_path, not both")
     if text is not None:
@@ -261,7 +262,8 @@ def _text(text, data_path, saved: dict):
     if data_path is None:
         data_path = saved.get("source", BUNDLED)
         if data_path == "<text>":
-            raise DataError("the checkpoint was trained on in-memory text; pass it again")
+            raise DataError("the checkpoint was trained on in-memory text; pass that text "
+                            "(or a file with it) again")
     if data_path == BUNDLED:
         return bundled_text(), BUNDLED
     return load_text(data_path), str(Path(data_path).resolve())
@@ -326,9 +328,9 @@ class _Progress:
 
     def step(self, step: int, loss: float, tokens_per_second: float):
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_second:,.0f} tok/s",
                                      refresh=False)
+            self.bar.update(1)
         elif self.enabled and (step % self.interval == 0 or step == self.total):
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / (step - self.start) * (self.total - step)
