@@ -176,6 +176,9 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     if base is not None:
         model.load_state_dict(base.params)
     if resume:
+        if base.optimizer is None or base.rng_state is None:
+            raise CheckpointError(f"{ckpt_path} has no optimizer or RNG state to resume from; "
+                                  "start a new run from it with init_from (--init-from)")
         if base.step > settings.iters:
             raise ValueError(f"{ckpt_path} is at step {base.step}, beyond iters={settings.iters}")
         optimizer.load_state_dict(base.optimizer)

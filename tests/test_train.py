@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minisparse import train as train_mod
-from minisparse.checkpoint import load_checkpoint
+from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import DataError, make_dataset, synthetic_text
 from minisparse.model import GPT
 from minisparse.train import TrainSettings, evaluate, train
@@ -171,6 +171,11 @@ def test_resume_refuses_a_different_config_or_data(tmp_path):
     assert run(tmp_path, settings=settings(iters=2), overwrite=True).step == 2
     with pytest.raises(ValueError, match="nothing to resume"):
         run(tmp_path / "empty", resume=True)
+    ckpt = load_checkpoint(tmp_path / "ckpt.npz")
+    ckpt.optimizer = None  # e.g. parameters converted from another framework
+    save_checkpoint(tmp_path / "ckpt.npz", ckpt)
+    with pytest.raises(ValueError, match="no optimizer or RNG state.*init_from"):
+        run(tmp_path, resume=True)
 
 
 def test_evaluate_is_deterministic_given_rng(tmp_path):
