@@ -375,12 +375,17 @@ def _matmul(a, b):
         out = np.matmul(x, w)
 
     def backward(g):
-        gx = np.matmul(g, w.swapaxes(-1, -2)) if a.requires_grad else None
-        gw = None
-        if b.requires_grad:
-            if shared_weight:  # sum over the batch inside the GEMM instead of after it
-                gw = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
-            else:
+        gx = gw = None
+        if shared_weight:  # one 2-D GEMM each; gw sums over the batch inside the GEMM
+            g2 = g.reshape(-1, g.shape[-1])
+            if a.requires_grad:
+                gx = (g2 @ w.T).reshape(x.shape)
+            if b.requires_grad:
+                gw = x.reshape(-1, x.shape[-1]).T @ g2
+        else:
+            if a.requires_grad:
+                gx = np.matmul(g, w.swapaxes(-1, -2))
+            if b.requires_grad:
                 gw = np.matmul(x.swapaxes(-1, -2), g)
         return gx, gw
 
