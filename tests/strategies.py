@@ -61,21 +61,19 @@ def axes(draw, ndim):
 
 
 # --- sparsity / quant strategies ---
-from minisparse.oracle.harness import feature_arrays  # noqa: E402  (shared with the harness)
+# Defined next to the conformance harness, which draws its cases from the same strategies.
+from minisparse.oracle.harness import (  # noqa: E402
+    feature_arrays,  # noqa: F401
+    rows_and_block,  # noqa: F401
+    rows_and_k,  # noqa: F401
+)
 
 
-@st.composite
-def rows_and_k(draw, **kwargs):
-    """(x [..., D], K) with K = 1, K = D or anything between; x from ``feature_arrays``."""
-    x = draw(feature_arrays(**kwargs))
-    d = x.shape[-1]
-    return x, draw(st.one_of(st.just(1), st.just(d), st.integers(1, d)))
-
-
-@st.composite
-def rows_and_block(draw, **kwargs):
-    """(x [..., D], (N, M)) with M dividing D and 1 <= N <= M."""
-    m = draw(st.integers(1, 8))
-    n = draw(st.one_of(st.just(1), st.just(m), st.integers(1, m)))
-    x = draw(feature_arrays(d=m * draw(st.integers(1, 4)), **kwargs))
-    return x, (n, m)
+def linear_kwargs():
+    """Keyword arguments of sparse_linear for inputs of 4 or more features (a multiple of 4):
+    every mix of (sparsity | k | block), rescale, bits and ste."""
+    sparse = st.sampled_from([dict(sparsity=0.0), dict(sparsity=0.5), dict(k=3), dict(k=1),
+                              dict(block=(2, 4), sparsity=0.5), dict(block=(1, 4))])
+    return st.builds(lambda s, rescale, bits, ste: dict(s, rescale=rescale, bits=bits, ste=ste),
+                     sparse, st.sampled_from(["none", "l2"]), st.sampled_from([None, 1.58]),
+                     st.booleans())

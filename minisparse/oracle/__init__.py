@@ -7,7 +7,8 @@ Per operation (SPEC 1-5), forward and backward:
 - quantizers: ``absmax_quantize`` (int8 codes, per-row scale), ``absmean_ternarize`` (ternary
   codes, one scale), ``dequantize``; their backward is the identity (STE), nothing to call;
 - the layer: ``sparse_linear_forward``, ``sparse_linear_backward``, the integer-code form
-  ``sparse_linear_int``, and the GLU feed-forward ``ffn_forward`` / ``ffn_backward``;
+  ``sparse_linear_int``, the comparison scales ``sparse_linear_magnitudes``, and the GLU
+  feed-forward ``ffn_forward`` / ``ffn_backward``;
 - the model: ``gpt_forward``, ``gpt_loss_and_grads`` (``oracle/gpt.py``).
 
 ``TOLERANCES`` / ``tolerance`` / ``compare`` say how close another implementation must come.
@@ -18,30 +19,25 @@ they are imported on first use). Non-finite inputs raise ValueError.
 
 from ..quant import absmax_quantize, absmean_ternarize, dequantize
 from ..sparsity import block_topk_mask, k_for, topk_backward, topk_forward, topk_mask
+from .gpt import gpt_forward, gpt_loss_and_grads
 from .ops import (
     ffn_backward,
     ffn_forward,
     sparse_linear_backward,
     sparse_linear_forward,
     sparse_linear_int,
+    sparse_linear_magnitudes,
 )
 from .tolerances import TOLERANCES, Mismatch, Tolerance, compare, tolerance
 from .vectors import FORMAT_VERSION, read_vector, write_vectors
 
 __all__ = [
     "FORMAT_VERSION", "TOLERANCES", "Mismatch", "Tolerance", "absmax_quantize", "absmean_ternarize",
-    "block_topk_mask", "compare", "dequantize", "ffn_backward", "ffn_forward", "k_for",
-    "read_vector", "sparse_linear_backward", "sparse_linear_forward", "sparse_linear_int",
-    "tolerance", "topk_backward", "topk_forward", "topk_mask", "write_vectors",
+    "block_topk_mask", "compare", "dequantize", "ffn_backward", "ffn_forward", "gpt_forward",
+    "gpt_loss_and_grads", "k_for", "read_vector", "sparse_linear_backward",
+    "sparse_linear_forward", "sparse_linear_int", "sparse_linear_magnitudes", "tolerance",
+    "topk_backward", "topk_forward", "topk_mask", "write_vectors",
 ]
-
-try:  # oracle/gpt.py is the model engineer's; until it lands the oracle stops at the layer
-    from .gpt import gpt_forward, gpt_loss_and_grads
-
-    __all__ += ["gpt_forward", "gpt_loss_and_grads"]
-except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.gpt":
-        raise
 
 
 def __getattr__(name):

@@ -59,6 +59,18 @@ def sparse_linear_backward(grad_y, x, w, *, sparsity=0.0, k=None, block=None, re
     return grad_x, grad_w
 
 
+def sparse_linear_magnitudes(grad_y, x, w, **kwargs):
+    """(|Y|, |dX|, |dW|) bounds: each product of the layer over absolute values, e.g. |z| @ |Qw|.T;
+    the ``scale`` to compare a layer's outputs with (``compare``): the size of the terms summed.
+
+    Every step of SPEC 5 commutes with |.| (rint is odd, M and r depend on |x| only), so this is
+    the layer itself at |x|, |w|, |g|."""
+    x, w, grad_y = np.abs(x), np.abs(w), np.abs(grad_y)
+    forward_kwargs = {k: v for k, v in kwargs.items() if k != "ste"}
+    return (sparse_linear_forward(x, w, **forward_kwargs),
+            *sparse_linear_backward(grad_y, x, w, **kwargs))
+
+
 def sparse_linear_int(x, w, *, sparsity=0.0, k=None, block=None, rescale="none"):
     """Integer-code inference form of SPEC 5 with bits=1.58: Y = r (q ⊙ M) @ t.T / (s_x s_w).
 
@@ -74,7 +86,7 @@ def sparse_linear_int(x, w, *, sparsity=0.0, k=None, block=None, rescale="none")
     return y if r is None else r * y
 
 
-# ---- the GLU feed-forward (SPEC 6): forward and hand-written backward ----------------------------
+# ---- the GLU feed-forward (SPEC 6): forward and hand-written backward ---------------------------
 
 
 def _act(act, g):

@@ -1,9 +1,12 @@
 """How close another implementation must come to the reference, per dtype, and the one
 comparison rule that applies it (used by the harness, the golden-vector checks and the tests).
 
-An entry passes when ``|got - expected| <= atol + rtol * max|expected|``: the error is measured
-against the largest entry of the compared array, so a sum that cancels to ~0 is not held to a
-relative bound it cannot meet. Three kinds of result, by how much rounding the SPEC leaves open:
+An entry passes when ``|got - expected| <= atol + rtol * scale``, with ``scale`` the largest
+|entry| of the expected array -- or, for a matmul, of the same product taken over absolute
+values (``|A| @ |B|``, the size of the terms summed), when the caller passes it: an output
+that cancels to ~0 is then not held to a relative bound no summation order can meet.
+
+Three kinds of result, by how much rounding the SPEC leaves open:
 
 - ``exact``: no arithmetic, or arithmetic the SPEC fixes step by step. Top-K masks and outputs
   without rescale (a selection), int8 / ternary codes (SPEC 3-4 fix ``rint(x * s)`` in the input
@@ -24,7 +27,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float  # relative to the largest |expected| entry of the compared array
+    rtol: float  # relative to the scale: max|expected|, or max(|A| @ |B|) for a matmul A @ B
     atol: float  # absolute floor: the smallest normal number, for all-(near-)zero arrays
 
 
@@ -69,9 +72,10 @@ class Mismatch:
                 f"{self.index}: expected {self.expected_value!r}, got {self.got_value!r}")
 
 
-def compare(name, got, expected, kind) -> Mismatch | None:
+def compare(name, got, expected, kind, scale=None) -> Mismatch | None:
     """None if ``got`` matches ``expected`` (same shape and dtype, within the ``kind`` tolerance
-    of expected's dtype), else the Mismatch with the largest error. Compare codes with "exact"."""
+    of expected's dtype, relative to max(|expected|, |scale|)), else the Mismatch with the
+    largest error. Compare codes with "exact"."""
     got = np.asarray(got)
     if got.dtype == object:
         return Mismatch(name, f"is not a numeric array (got {type(got.flat[0]).__name__} items)")
@@ -82,8 +86,10 @@ def compare(name, got, expected, kind) -> Mismatch | None:
     tol = tolerance(expected.dtype if expected.dtype.kind == "f" else np.float64, kind)
     exp = expected.astype(np.float64)
     err = np.abs(got.astype(np.float64) - exp)
-    err[np.isnan(err)] = np.inf  # NaN fails every bound
-    allowed = tol.atol + tol.rtol * (np.abs(exp).max() if exp.size else 0.0)
+    err = np.where(np.isnan(err), np.inf, err)  # NaN fails every bound
+    magnitude = max((float(np.abs(a).max()) for a in (exp, scale) if a is not None and np.size(a)),
+                    default=0.0)
+    allowed = tol.atol + tol.rtol * magnitude
     bad = err > allowed
     if not bad.any():
         return None

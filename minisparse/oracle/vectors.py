@@ -4,7 +4,7 @@ One NumPy ``.npz`` file per case, named ``<op>-<case>.npz``, readable with
 ``np.load(path, allow_pickle=False)``. Keys:
 
   format_version   int64 scalar, 1
-  op               str scalar: topk | absmax_quantize | absmean_ternarize | sparse_linear | ffn
+  op               str scalar: topk | absmax | absmean | sparse_linear | ffn
   params           str scalar: a JSON object of the op's keyword arguments (block as [N, M])
   input.<name>     the op's inputs, in its dtype (float32 or float64); grad_y is dL/d(output)
   output.<name>    forward results
@@ -13,8 +13,8 @@ One NumPy ``.npz`` file per case, named ``<op>-<case>.npz``, readable with
 What each op computes (SPEC.md sections 1-6; STE backward unless "ste": false):
 
   topk               x, grad_y; k | sparsity | block, rescale, ste -> y, mask, r; grad.x
-  absmax_quantize    x, grad_y -> q (int8), s [..., 1]; grad.x (= grad_y, STE)
-  absmean_ternarize  w, grad_y -> t (int8), s [] ; grad.w (= grad_y, STE)
+  absmax             x, grad_y -> q (int8), s [..., 1]; grad.x (= grad_y, STE)
+  absmean            w, grad_y -> t (int8), s [] ; grad.w (= grad_y, STE)
   sparse_linear      x, w, grad_y; sparsity, k, block, rescale, bits, ste -> y (and y_int, the
                      integer-code form, when bits = 1.58); grad.x, grad.w
   ffn                h, up, gate, down, grad_y; act + sparse_linear's -> y; grad.h/up/gate/down
@@ -52,10 +52,10 @@ def compute(op, params, inputs):
         ste = p.pop("ste")
         y, mask, r = topk_forward(inputs["x"], **p)
         return {"y": y, "mask": mask, "r": r}, {"x": topk_backward(g, mask, r, ste)}
-    if op == "absmax_quantize":
+    if op == "absmax":
         q, s = absmax_quantize(inputs["x"])
         return {"q": q, "s": s}, {"x": g}
-    if op == "absmean_ternarize":
+    if op == "absmean":
         t, s = absmean_ternarize(inputs["w"])
         return {"t": t, "s": np.asarray(s)}, {"w": g}
     if op == "sparse_linear":
@@ -99,11 +99,11 @@ def _cases(rng):
         ("topk", "sparsity_l2", {**topk, "sparsity": 0.6, "rescale": "l2"}, {"x": rows(3, 20)}),
         ("topk", "masked", {**topk, "k": 4, "ste": False}, {"x": ties}),
         ("topk", "block_16_32", {**topk, "block": [16, 32]}, {"x": normal(3, 64)}),
-        ("absmax_quantize", "rows", {}, {"x": rows(4, 16, dtype=np.float32)}),
-        ("absmax_quantize", "half_steps", {}, {"x": half.astype(np.float32)}),
-        ("absmax_quantize", "tiny", {}, {"x": normal(2, 8, scale=1e-7)}),
-        ("absmean_ternarize", "normal", {}, {"w": normal(8, 16, dtype=np.float32)}),
-        ("absmean_ternarize", "tiny", {}, {"w": normal(4, 4, scale=1e-7)}),
+        ("absmax", "rows", {}, {"x": rows(4, 16, dtype=np.float32)}),
+        ("absmax", "half_steps", {}, {"x": half.astype(np.float32)}),
+        ("absmax", "tiny", {}, {"x": normal(2, 8, scale=1e-7)}),
+        ("absmean", "normal", {}, {"w": normal(8, 16, dtype=np.float32)}),
+        ("absmean", "tiny", {}, {"w": normal(4, 4, scale=1e-7)}),
         ("sparse_linear", "dense", linear, {"x": x, "w": w}),
         ("sparse_linear", "topk", {**linear, "sparsity": 0.5}, {"x": x, "w": w}),
         ("sparse_linear", "topk_l2_masked", {**linear, "k": 5, "rescale": "l2", "ste": False},
