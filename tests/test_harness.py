@@ -159,7 +159,7 @@ def test_python_float_scale_is_accepted():
         t, s = sum_absmean(w)
         return t, float(s)
 
-    # a float64 scale rounded to float32 differs from the reference only by rounding
+    # a Python float scale is taken in the op's dtype, not failed as a float64 array
     assert check("absmean", absmean_float_scale, max_examples=N).passed
 
 
@@ -182,3 +182,26 @@ def test_load_function(tmp_path, monkeypatch):
                           (f"{tmp_path}/missing.py:f", "no such file")]:
         with pytest.raises(ValueError, match=words):
             load_function(target)
+
+
+def test_cli_check(tmp_path, capsys):
+    from minisparse.cli import CHECK_OPS, main
+
+    assert CHECK_OPS.split(", ") == list(OPS)  # the --op help names every op
+    path = tmp_path / "kernels_under_test.py"
+    path.write_text("import numpy as np\n"
+                    "def good(x, k):\n"
+                    "    a = np.abs(x)\n"
+                    "    return np.where(np.argsort(np.argsort(-a, axis=-1, kind='stable'),\n"
+                    "                               axis=-1) < k, x, 0)\n"
+                    "def bad(x, k):\n"
+                    "    a = np.abs(x)\n"
+                    "    return np.where(a >= -np.sort(-a, axis=-1)[..., k - 1:k], x, 0)\n")
+    assert main(["check", f"{path}:good", "--op", "topk", "--max-examples", "20"]) == 0
+    assert "minisparse check topk: OK" in capsys.readouterr().out
+    assert main(["check", f"{path}:bad", "--op", "topk", "--max-examples", "20"]) == 1
+    assert "largest error" in capsys.readouterr().out
+    assert main(["check", f"{path}:good", "--op", "top_k"]) == 1
+    assert "minisparse: error: check: unknown op 'top_k'" in capsys.readouterr().err
+    assert main(["check", "good", "--op", "topk"]) == 1
+    assert "MODULE:FUNCTION" in capsys.readouterr().err
