@@ -105,13 +105,15 @@ def _ternary_serial(xq, idx, codes):
 
 @njit(parallel=True, cache=True)
 def _ternary_parallel(xq, idx, codes, parts):
-    # Split the outputs (byte columns, multiples of 32) between threads: no partial sums to add.
-    q = codes.shape[1]
-    out = np.zeros((4, q), np.int32)
-    step = 32 * -(-q // (32 * parts))
+    # Split the kept rows between threads (each streams whole rows, in order, into its own
+    # int32 sums), then add the partial sums: as in sparse_matmul._gemv_parallel.
+    k = idx.shape[0]
+    out = np.zeros((parts, 4, codes.shape[1]), np.int32)
     for t in prange(parts):
-        _code_sums(xq, idx, codes, out, min(q, t * step), min(q, (t + 1) * step))
-    return out
+        _code_sums(xq, idx[t * k // parts:(t + 1) * k // parts], codes, out[t], 0, codes.shape[1])
+    for t in range(1, parts):
+        out[0] += out[t]
+    return out[0]
 
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
