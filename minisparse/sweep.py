@@ -1,0 +1,486 @@
+"""Sweeps and ablations: grids of tiny models, the scaling-law fit (SPEC §8), paper ablations.
+
+A sweep trains every (size, sparsity, bits, seed) of a `Grid` with `minisparse.train.train`,
+one directory per run under ``OUT/runs/`` and one CSV row per finished run in
+``OUT/results.csv``. It is resumable at two levels: a run already in the CSV is skipped, and
+an interrupted run continues from its checkpoint. `fit_rows` then fits
+``L(N, S) = E + (B + C exp(beta / (1 - S))) / N^alpha`` per bits setting (N = all parameters,
+S = overall sparsity, SPEC §7) and `plot_sweep` draws data, fit and S*.
+
+The ablations (`ablation_runs`) are presets of the same machinery:
+``ste``       top-K with STE vs without (masked gradient, eq. 12) vs ReLU-only (paper Figs 8-9);
+``block``     Block Q-Sparse N:M = 16:32 vs top-K at the same 50% sparsity (paper Fig 7);
+``continue``  dense pre-training continued with Q-Sparse vs Q-Sparse from scratch (§4.2).
+"""
+
+import csv
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import linear
+from . import model as model_module
+from . import train as train_module
+from .checkpoint import load_checkpoint
+from .data import CharTokenizer, get_batch, make_dataset
+from .model import GPT, GPTConfig, count_params
+from .quant import absmax_quantize
+from .scaling import ScalingFit, fit_scaling_law
+from .sparsity import block_topk_mask, topk_mask
+from .tensor import no_grad
+from .train import CKPT_NAME, TrainSettings, resolve_text, train
+
+RESULTS = "results.csv"
+FIELDS = ("run", "variant", "d_model", "n_layers", "n_heads", "ffn_hidden", "context",
+          "sparsity", "block", "bits", "ste", "ffn_act", "init_from", "iters", "batch", "lr",
+          "seed", "N", "N_a", "S", "val_loss", "act_sparsity", "wall_s", "stopped")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: GPTConfig overrides, TrainSettings overrides, its start and name."""
+
+    variant: str  # a label: the grid point ("d64-l2-s0.5-fp-seed0") or the ablation arm
+    config: dict
+    settings: dict
+    ste: bool = True  # False: masked top-K gradient (eq. 12), the no-STE ablation
+    init_from: str | None = None  # name of an earlier run of the same sweep to start from
+
+    @property
+    def name(self) -> str:
+        """variant + a hash of everything that defines the run, so changed settings rerun."""
+        spec = json.dumps([self.config, self.settings, self.ste, self.init_from], sort_keys=True)
+        return f"{self.variant}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class Grid:
+    """The sweep grid: sizes (d_model, n_layers) x sparsities x bits x seeds, same recipe."""
+
+    sizes: tuple = ((32, 1), (48, 1), (64, 2), (96, 2))
+    sparsities: tuple = (0.0, 0.5, 0.7, 0.85)
+    bits: tuple = (None,)  # None = full precision; 1.58 = BitNet b1.58
+    seeds: tuple = (0,)
+    iters: int = 300
+    batch: int = 12
+    context: int = 64
+    lr: float = 1e-3
+    final_eval_batches: int = 50
+    extra: dict = field(default_factory=dict)  # further TrainSettings overrides
+
+    def runs(self) -> list[Run]:
+        out = []
+        for d_model, n_layers in self.sizes:
+            for sparsity in self.sparsities:
+                for bits in self.bits:
+                    for seed in self.seeds:
+                        config = dict(d_model=d_model, n_layers=n_layers,
+                                      n_heads=heads_for(d_model), context=self.context,
+                                      sparsity=sparsity, bits=bits)
+                        variant = (f"d{d_model}-l{n_layers}-s{sparsity:g}-"
+                                   f"{'b1.58' if bits else 'fp'}-seed{seed}")
+                        out.append(Run(variant, config, self.settings(seed)))
+        return out
+
+    def settings(self, seed: int, iters: int | None = None) -> dict:
+        """TrainSettings overrides: a short recipe with ~10% warm-up and only a final eval."""
+        iters = self.iters if iters is None else iters
+        return {"iters": iters, "batch": self.batch, "lr": self.lr, "seed": seed,
+                "min_lr": self.lr / 10, "warmup": min(100, iters // 10),
+                "eval_interval": max(1, iters // 5), "eval_batches": 5,
+                "final_eval_batches": self.final_eval_batches,
+                "ckpt_interval": max(1, iters // 4), **self.extra}
+
+
+def heads_for(d_model: int) -> int:
+    """Heads of size 32 (the SPEC §9 recipe's 128/4), one head below d_model = 64."""
+    return max(1, d_model // 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two small shims: the model has no switch for the masked top-K gradient and no hook for the
+# inputs of its projections (both requested from model.py; these go when those exist).
+
+
+@contextmanager
+def _masked_gradient(on: bool):
+    """While open (and `on`), the GPT that train() builds uses the masked top-K backward
+    (eq. 12, ste=False): GPT keeps ste=True in one `linear` dict shared by every projection."""
+    if not on:
+        yield
+        return
+
+    class MaskedGradientGPT(GPT):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for block in self.blocks:
+                block.attn.linear["ste"] = block.ffn.linear["ste"] = False
+
+    train_module.GPT = MaskedGradientGPT
+    try:
+        yield
+    finally:
+        train_module.GPT = GPT
+
+
+@contextmanager
+def _recording_projections(record: list):
+    """While open, every sparse_linear call of the model appends (rows, nonzeros of the input
+    it multiplies, i.e. sparsify(A(X)), D_in, D_out) to `record`."""
+    original = linear.sparse_linear
+
+    def recording(x, w, **kwargs):
+        options = {k: v for k, v in kwargs.items() if k != "backend"}
+        k, block = linear.resolve_linear(w.shape[1], **options)
+        a = absmax_quantize(x.data)[0].astype(x.dtype) if kwargs.get("bits") else x.data
+        if k is not None:
+            a = a * topk_mask(a, k)
+        elif block is not None:
+            a = a * block_topk_mask(a, *block)
+        record.append((a.size // a.shape[-1], np.count_nonzero(a), w.shape[1], w.shape[0]))
+        return original(x, w, **kwargs)
+
+    linear.sparse_linear = model_module.sparse_linear = recording
+    try:
+        yield
+    finally:
+        linear.sparse_linear = model_module.sparse_linear = original
+
+
+def activation_sparsity(model: GPT, batches) -> float:
+    """Measured overall sparsity 1 - sum_p nnz_p D_out,p / sum_p D_in,p D_out,p over every
+    projection call p (nnz_p: mean nonzeros per token of the input p multiplies, sparsify(A(X)),
+    SPEC §5, §7) on token batches idx (B, T). Counts top-K zeros and natural ones (relu², int8
+    rounding), so a dense relu² model is not 0."""
+    record = []
+    with no_grad(), _recording_projections(record):
+        for idx in batches:
+            model(idx)
+    active = sum(nnz / rows * d_out for rows, nnz, _, d_out in record)
+    return 1.0 - active / sum(d_in * d_out for _, _, d_in, d_out in record)
+
+
+def _checkpoint_sparsity(ckpt_path, text, data_path, batches=2, batch=12, seed=0) -> float:
+    """activation_sparsity of a checkpoint on `batches` random validation batches."""
+    ckpt = load_checkpoint(ckpt_path)
+    text, _ = resolve_text(text, data_path, ckpt.data)
+    data = make_dataset(text, ckpt.config.context, CharTokenizer(ckpt.vocab))
+    rng = np.random.default_rng(seed)
+    idx = [get_batch(rng, data.val, batch, ckpt.config.context)[0] for _ in range(batches)]
+    return activation_sparsity(GPT.from_params(ckpt.config, ckpt.params), idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: one run, then many with a CSV of results
+
+
+def read_rows(path) -> list[dict]:
+    """Rows of a results CSV (numbers parsed); [] if the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != FIELDS:
+            raise ValueError(f"{path} is not a minisparse results CSV (columns "
+                             f"{reader.fieldnames}, expected {list(FIELDS)})")
+        return [{k: _parse(v) for k, v in row.items()} for row in reader]
+
+
+def _parse(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"": None, "True": True, "False": False}.get(text, text)
+
+
+def _append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> dict:
+    """Train `run` in OUT/runs/NAME (continuing its checkpoint if there is one); its CSV row.
+
+    Raises KeyboardInterrupt if training was interrupted (its checkpoint is saved).
+    """
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "runs" / run.name
+    resume = (run_dir / CKPT_NAME).exists()
+    init_from = None
+    if run.init_from is not None and not resume:
+        init_from = out_dir / "runs" / run.init_from / CKPT_NAME
+    t0 = time.perf_counter()
+    with _masked_gradient(not run.ste):
+        result = train(run.config, run.settings, text=text, data_path=data_path,
+                       out_dir=run_dir, resume=resume, init_from=init_from, progress=progress)
+    wall = time.perf_counter() - t0
+    if result.stopped is not None and result.stopped.startswith("interrupted"):
+        raise KeyboardInterrupt(result.stopped)
+    val = result.final_val_loss
+    if val is None and result.stopped is None:  # finished earlier; its last eval is the final
+        val = result.val_loss[-1][1]
+    counts = count_params(result.config)
+    c = result.config
+    act = math.nan
+    if result.stopped is None:
+        act = _checkpoint_sparsity(run_dir / CKPT_NAME, text, data_path)
+    return {
+        "run": run.name, "variant": run.variant, "d_model": c.d_model, "n_layers": c.n_layers,
+        "n_heads": c.n_heads, "ffn_hidden": c.ffn_hidden, "context": c.context,
+        "sparsity": c.sparsity, "block": "" if c.block is None else f"{c.block[0]}:{c.block[1]}",
+        "bits": "" if c.bits is None else c.bits, "ste": run.ste, "ffn_act": c.ffn_act,
+        "init_from": run.init_from or "", "iters": result.settings.iters,
+        "batch": result.settings.batch, "lr": result.settings.lr, "seed": result.settings.seed,
+        "N": counts["N"], "N_a": counts["N_a"], "S": counts["sparsity"],
+        "val_loss": math.nan if val is None else val, "act_sparsity": act,
+        "wall_s": round(wall, 2), "stopped": result.stopped or "",
+    }
+
+
+def run_all(runs: list[Run], out_dir, *, text=None, data_path=None, progress=False,
+            log=print) -> list[dict]:
+    """Run every run not yet in OUT/results.csv, appending a row as each finishes; return the
+    rows of `runs` in order (from the CSV or new)."""
+    for run in runs:  # bad grid values fail here, before hours of training
+        GPTConfig.from_dict({"vocab_size": 1, **run.config})
+        TrainSettings.from_dict(run.settings)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS
+    done = {row["run"]: row for row in read_rows(path)}
+    rows = []
+    for i, run in enumerate(runs, 1):
+        if run.name in done:
+            log(f"[{i}/{len(runs)}] {run.variant}: in {path}, skipped")
+        else:
+            log(f"[{i}/{len(runs)}] {run.variant}: training")
+            row = run_one(run, out_dir, text=text, data_path=data_path, progress=progress)
+            _append_row(path, row)
+            row = {k: _parse(str(v)) for k, v in row.items()}  # as read_rows will see it
+            done[run.name] = row
+            log(f"[{i}/{len(runs)}] {run.variant}: val loss {row['val_loss']:.4f}, "
+                f"{row['wall_s']:.0f} s" + (f" ({row['stopped']})" if row["stopped"] else ""))
+        rows.append(done[run.name])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit and report
+
+
+def fit_rows(rows: list[dict]) -> dict:
+    """Fit the SPEC §8 law to finished rows, one fit per bits setting ("fp" / "1.58").
+
+    -> {bits label: ScalingFit or an error message (too few points / sizes / sparsities)}.
+    """
+    fits = {}
+    for label, group in _by_bits(rows).items():
+        N = np.array([r["N"] for r in group], float)
+        S = np.array([r["S"] for r in group], float)
+        L = np.array([r["val_loss"] for r in group], float)
+        if len(group) < 5 or len(set(N)) < 2 or len(set(S)) < 2:
+            fits[label] = (f"not fitted: {len(group)} finished runs over {len(set(N))} sizes "
+                           f"and {len(set(S))} sparsities; need >= 5 runs, >= 2 of each")
+        else:
+            fits[label] = fit_scaling_law(N, S, L)
+    return fits
+
+
+def _by_bits(rows) -> dict:
+    groups = {}
+    for r in rows:
+        if isinstance(r["val_loss"], float) and math.isfinite(r["val_loss"]):
+            groups.setdefault("1.58" if r["bits"] else "fp", []).append(r)
+    return groups
+
+
+def format_report(rows: list[dict], fits: dict) -> str:
+    """A plain-text table of the runs and the fitted constants with S*."""
+    lines = [f"{'run':<28} {'N':>9} {'N_a':>9} {'S':>6} {'val loss':>9} {'act sp.':>8} "
+             f"{'time':>7}"]
+    for r in rows:
+        lines.append(f"{r['variant']:<28} {r['N']:>9,} {r['N_a']:>9,} {r['S']:>6.3f} "
+                     f"{r['val_loss']:>9.4f} {r['act_sparsity']:>8.3f} {r['wall_s']:>6.0f}s")
+    for label, fit in fits.items():
+        if isinstance(fit, str):
+            lines.append(f"[{label}] {fit}")
+            continue
+        lines.append(f"[{label}] E={fit.E:.4g} B={fit.B:.4g} C={fit.C:.4g} "
+                     f"alpha={fit.alpha:.4g} beta={fit.beta:.4g} "
+                     f"(Huber objective {fit.objective:.3g})")
+        try:
+            lines.append(f"[{label}] S* = {fit.optimal_sparsity():.2%}")
+        except ValueError as e:
+            lines.append(f"[{label}] S*: {e}")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], fits: dict, path) -> None:
+    """PNG: val loss vs N per sparsity with the fitted L(N, S) (left); fitted L(N_a, S) vs S
+    at the measured N_a, with S* marked (right). One row of panels per bits setting."""
+    plt = _pyplot()
+    groups = _by_bits(rows)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
+    for (label, group), (left, right) in zip(groups.items(), axes, strict=True):
+        fit = fits.get(label)
+        fitted = isinstance(fit, ScalingFit)
+        for i, s in enumerate(sorted({r["S"] for r in group})):
+            pts = sorted((r["N"], r["val_loss"]) for r in group if r["S"] == s)
+            color = f"C{i}"
+            n, loss = np.array(pts).T
+            left.plot(n, loss, "o", color=color, label=f"S = {s:.2f}")
+            if fitted:
+                n = np.geomspace(n[0] / 1.5, n[-1] * 1.5, 100)
+                left.plot(n, fit.loss(n, s), "-", color=color, alpha=0.6)
+        left.set(xscale="log", xlabel="N (parameters)", ylabel="validation loss",
+                 title=f"{label}: loss vs size")
+        left.legend(fontsize=8)
+        if fitted:
+            s = np.linspace(0, 0.97, 300)
+            for n_a in sorted({r["N_a"] for r in group})[:: max(1, len(group) // 4)]:
+                right.plot(s, fit.loss_active(n_a, s), label=f"N_a = {n_a:,}")
+            try:
+                right.axvline(fit.optimal_sparsity(), color="k", ls="--",
+                              label=f"S* = {fit.optimal_sparsity():.1%}")
+            except ValueError:
+                pass  # no optimum in [0, 1): nothing to mark
+            right.set(xlabel="S", ylabel="fitted L(N_a, S)", title=f"{label}: fixed N_a")
+            right.legend(fontsize=8)
+        else:
+            right.text(0.5, 0.5, str(fit), ha="center", va="center", wrap=True)
+            right.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (matplotlib is only in the dev/lessons extras)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'minisparse[lessons]' "
+                         "(or pass --no-plot)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_sweep(grid: Grid, out_dir, *, text=None, data_path=None, plot=True, progress=False,
+              log=print) -> tuple[list[dict], dict]:
+    """Train the grid (resumably), fit the law per bits setting, write OUT/fit.json (and
+    OUT/scaling.png); -> (rows, fits)."""
+    out_dir = Path(out_dir)
+    rows = run_all(grid.runs(), out_dir, text=text, data_path=data_path, progress=progress,
+                   log=log)
+    fits = fit_rows(rows)
+    (out_dir / "fit.json").write_text(json.dumps(
+        {k: v if isinstance(v, str) else {**v.__dict__, "S_star": _s_star(v)}
+         for k, v in fits.items()}, indent=2))
+    log(format_report(rows, fits))
+    if plot:
+        plot_sweep(rows, fits, out_dir / "scaling.png")
+        log(f"plot: {out_dir / 'scaling.png'}")
+    return rows, fits
+
+
+def _s_star(fit: ScalingFit):
+    try:
+        return fit.optimal_sparsity()
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations (paper section 4.2, Figs 7-9) as presets of runs
+
+ABLATIONS = ("ste", "block", "continue")
+
+
+def ablation_runs(kind: str, *, d_model: int = 64, n_layers: int = 2, sparsity: float = 0.7,
+                  iters: int = 600, seed: int = 0, batch: int = 12, context: int = 64,
+                  lr: float = 1e-3) -> list[Run]:
+    """The arms of one ablation, all of one size and recipe (relu² GLU, as the paper).
+
+    ste:      top-K S with STE (eq. 13) | top-K S with masked gradient (eq. 12) | ReLU-only
+              (dense; its only zeros are the relu² gate's).
+    block:    dense | top-K 50% | block 16:32 (50%); ffn_hidden rounded to a multiple of 32.
+    continue: dense | top-K S from scratch | dense for iters//2 then top-K S for the rest
+              (fresh optimizer, SPEC §9 schedule over the second part).
+    """
+    if kind not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {list(ABLATIONS)}, got {kind!r}")
+    grid = Grid(iters=iters, batch=batch, context=context, lr=lr)
+    base = dict(d_model=d_model, n_layers=n_layers, n_heads=heads_for(d_model),
+                context=context, ffn_act="relu2")
+    settings = grid.settings(seed)
+    if kind == "ste":
+        return [Run("topk-ste", {**base, "sparsity": sparsity}, settings),
+                Run("topk-no-ste", {**base, "sparsity": sparsity}, settings, ste=False),
+                Run("relu-only", base, settings)]
+    if kind == "block":
+        if d_model % 32:
+            raise ValueError(f"block 16:32 needs d_model divisible by 32, got {d_model}")
+        base["ffn_hidden"] = 32 * max(1, round(8 * d_model / 3 / 32))
+        return [Run("dense", base, settings),
+                Run("topk-0.5", {**base, "sparsity": 0.5}, settings),
+                Run("block-16:32", {**base, "block": (16, 32)}, settings)]
+    pre = Run("dense-pretrain", base, grid.settings(seed, iters // 2))
+    return [Run("dense", base, settings),
+            Run("topk-scratch", {**base, "sparsity": sparsity}, settings),
+            pre,
+            Run("dense-then-topk", {**base, "sparsity": sparsity},
+                grid.settings(seed, iters - iters // 2), init_from=pre.name)]
+
+
+def run_ablation(kind: str, out_dir, *, text=None, data_path=None, plot=True, progress=False,
+                 log=print, **options) -> list[dict]:
+    """Train the arms of ablation `kind` (resumably) into OUT; report and plot OUT/KIND.png."""
+    out_dir = Path(out_dir)
+    runs = ablation_runs(kind, **options)
+    rows = run_all(runs, out_dir, text=text, data_path=data_path, progress=progress, log=log)
+    log(format_report(rows, {}))
+    if plot:
+        plot_ablation(kind, runs, out_dir)
+        log(f"plot: {out_dir / (kind + '.png')}")
+    return rows
+
+
+def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:
+    """PNG OUT/KIND.png: training loss (moving average of 25 steps) and validation loss of
+    every arm over its steps; a continued run is drawn after the run it started from."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    offset = {}
+    for i, run in enumerate(runs):
+        history = load_checkpoint(out_dir / "runs" / run.name / CKPT_NAME).history
+        start = offset.get(run.init_from, 0)
+        offset[run.name] = start + len(history["train_loss"])
+        loss = np.asarray(history["train_loss"])
+        w = min(25, len(loss))
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        steps = start + np.arange(w, len(loss) + 1)
+        ax.plot(steps, smooth, color=f"C{i}", label=f"{run.variant} (train)")
+        if history["val_loss"]:
+            vs, vl = np.array(history["val_loss"]).T
+            ax.plot(start + vs, vl, "o--", color=f"C{i}", ms=3, alpha=0.7)
+    ax.set(xlabel="step", ylabel="loss (dots: validation)", title=f"ablation: {kind}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{kind}.png", dpi=110)
+    plt.close(fig)
