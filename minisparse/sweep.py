@@ -39,7 +39,7 @@ from .train import CKPT_NAME, TrainSettings, resolve_text, train
 RESULTS = "results.csv"
 FIELDS = ("run", "variant", "d_model", "n_layers", "n_heads", "ffn_hidden", "context",
           "sparsity", "block", "bits", "ste", "ffn_act", "init_from", "iters", "batch", "lr",
-          "seed", "N", "N_a", "S", "val_loss", "act_sparsity", "wall_s", "stopped")
+          "seed", "N", "N_a", "S", "val_loss", "act_sparsity", "wall_s", "tokens_per_s", "stopped")
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,8 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
         "batch": result.settings.batch, "lr": result.settings.lr, "seed": result.settings.seed,
         "N": counts["N"], "N_a": counts["N_a"], "S": counts["sparsity"],
         "val_loss": math.nan if val is None else val, "act_sparsity": act,
-        "wall_s": round(wall, 2), "stopped": result.stopped or "",
+        "wall_s": round(wall, 2), "tokens_per_s": round(result.tokens_per_second),
+        "stopped": result.stopped or "",
     }
 
 
@@ -337,26 +338,28 @@ def plot_sweep(rows: list[dict], fits: dict, path) -> None:
     for (label, group), (left, right) in zip(groups.items(), axes, strict=True):
         fit = fits.get(label)
         fitted = isinstance(fit, ScalingFit)
-        for i, s in enumerate(sorted({r["S"] for r in group})):
-            pts = sorted((r["N"], r["val_loss"]) for r in group if r["S"] == s)
-            color = f"C{i}"
-            n, loss = np.array(pts).T
-            left.plot(n, loss, "o", color=color, label=f"S = {s:.2f}")
+        # one series per configured sparsity; its overall S differs a little between sizes
+        # (K = ceil((1 - S) D)), so each curve uses the series' mean overall S
+        for i, nominal in enumerate(sorted({r["sparsity"] for r in group})):
+            series = sorted((r["N"], r["val_loss"], r["S"]) for r in group
+                            if r["sparsity"] == nominal)
+            n, loss, overall = np.array(series).T
+            left.plot(n, loss, "o", color=f"C{i}",
+                      label=f"sparsity {nominal:g} (S = {overall.mean():.3f})")
             if fitted:
                 n = np.geomspace(n[0] / 1.5, n[-1] * 1.5, 100)
-                left.plot(n, fit.loss(n, s), "-", color=color, alpha=0.6)
+                left.plot(n, fit.loss(n, overall.mean()), "-", color=f"C{i}", alpha=0.6)
         left.set(xscale="log", xlabel="N (parameters)", ylabel="validation loss",
                  title=f"{label}: loss vs size")
         left.legend(fontsize=8)
         if fitted:
-            s = np.linspace(0, 0.97, 300)
+            s_star = _s_star(fit)
+            s = np.linspace(0, min(0.95, max(r["S"] for r in group) + 0.05,
+                                   1.0 if s_star is None else s_star + 0.1), 300)
             for n_a in sorted({r["N_a"] for r in group})[:: max(1, len(group) // 4)]:
                 right.plot(s, fit.loss_active(n_a, s), label=f"N_a = {n_a:,}")
-            try:
-                right.axvline(fit.optimal_sparsity(), color="k", ls="--",
-                              label=f"S* = {fit.optimal_sparsity():.1%}")
-            except ValueError:
-                pass  # no optimum in [0, 1): nothing to mark
+            if s_star is not None:
+                right.axvline(s_star, color="k", ls="--", label=f"S* = {s_star:.1%}")
             right.set(xlabel="S", ylabel="fitted L(N_a, S)", title=f"{label}: fixed N_a")
             right.legend(fontsize=8)
         else:
@@ -461,7 +464,7 @@ def run_ablation(kind: str, out_dir, *, text=None, data_path=None, plot=True, pr
 
 
 def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:
-    """PNG OUT/KIND.png: training loss (moving average of 25 steps) and validation loss of
+    """PNG OUT/KIND.png: training loss (moving average of up to 25 steps) and validation loss of
     every arm over its steps; a continued run is drawn after the run it started from."""
     plt = _pyplot()
     out_dir = Path(out_dir)
@@ -472,7 +475,7 @@ def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:
         start = offset.get(run.init_from, 0)
         offset[run.name] = start + len(history["train_loss"])
         loss = np.asarray(history["train_loss"])
-        w = min(25, len(loss))
+        w = max(1, min(25, len(loss) // 10))
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
         steps = start + np.arange(w, len(loss) + 1)
         ax.plot(steps, smooth, color=f"C{i}", label=f"{run.variant} (train)")

@@ -78,14 +78,15 @@ def test_plot_sweep_writes_png(tmp_path):
 
 
 def law_rows(law, bits=""):
-    return [{"N": n, "N_a": int(n * (1 - s)), "S": s, "bits": bits,
+    return [{"N": n, "N_a": int(n * (1 - s)), "S": s, "sparsity": s, "bits": bits,
              "val_loss": float(law.loss(n, s))}
             for n in (1e4, 1e5, 1e6, 1e7) for s in (0.0, 0.5, 0.7, 0.9)]
 
 
 def test_fit_rows_groups_by_bits_and_skips_failed_runs():
     fp, ternary = ScalingLaw(1.5, 0.5, 1.0, 0.3, 0.1), ScalingLaw(1.7, 0.4, 1.2, 0.25, 0.06)
-    failed = {"N": 1e5, "N_a": 1, "S": 0.3, "bits": "", "val_loss": float("nan")}
+    failed = {"N": 1e5, "N_a": 1, "S": 0.3, "sparsity": 0.3, "bits": "",
+              "val_loss": float("nan")}
     fits = sweep.fit_rows(law_rows(fp) + law_rows(ternary, bits=1.58) + [failed])
     assert fits["fp"].optimal_sparsity() == pytest.approx(fp.optimal_sparsity(), abs=1e-3)
     assert fits["1.58"].optimal_sparsity() == pytest.approx(ternary.optimal_sparsity(),
