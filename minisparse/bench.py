@@ -6,18 +6,22 @@ Numba's OpenMP pool and OpenBLAS's pool both spin after a call by default; on 2 
 steals the other's cores, and both timings turn to noise. So the measurements run in a child
 process with both pools set to sleep when idle (OMP_WAIT_POLICY=PASSIVE,
 OPENBLAS_THREAD_TIMEOUT=4): thread pools are configured when the libraries load, before any
-code here could change them.
+code here could change them. Whole-model rows (decode, training) run with OpenBLAS on one
+thread for both minisparse backends: their many small matmuls lose more to waking a second
+BLAS thread than they gain (PyTorch keeps its own default threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -71,8 +75,9 @@ def _all_rows(quick, reps):
         _print_header()
     yield from gemv_rows(quick, reps)
     yield from ternary_rows(quick, reps)
-    yield from decode_rows(quick, reps)
-    yield from train_rows(quick, reps)
+    with blas_threads(1):
+        yield from decode_rows(quick, reps)
+        yield from train_rows(quick, reps)
     yield cold_start_row()
 
 
@@ -153,8 +158,9 @@ def _gpt(config, backend, seed=0):
 
 
 def decode_rows(quick, reps):
-    """Seconds per decoded token (KV cache, one position per step): packed fast path vs the
-    NumPy reference backend (top-K by sorting, dense matmuls), same ~50M-parameter weights."""
+    """Seconds per decoded token (KV cache, one position per step): the packed fast path of a
+    sparse (and ternary) ~50M-parameter config vs the dense float32 model of the same size on
+    the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
     try:
         from .model import KVCache
     except ImportError:
@@ -165,7 +171,7 @@ def decode_rows(quick, reps):
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
-        slow, fast = _gpt(config, "numpy"), _gpt(config, "numba")
+        slow, fast = _gpt(base, "numpy"), _gpt(config, "numba")
         pack_model(fast)
         steps = []
         for model in (slow, fast):
@@ -282,6 +288,34 @@ def _torch_train_step(config, batch, data, rng):
         opt.step()
 
     return step
+
+
+@contextmanager
+def blas_threads(n):
+    """Limit numpy's OpenBLAS to n threads inside the block (found among the loaded libraries,
+    as threadpoolctl does; a no-op with a note where it is not found)."""
+    setter = getter = None
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next(line.split()[-1] for line in maps if "openblas" in line.lower())
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("", ""), ("scipy_", "64_"), ("", "64_")):
+            if hasattr(lib, f"{prefix}openblas_set_num_threads{suffix}"):
+                setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")
+                getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")
+                break
+    except (OSError, StopIteration):
+        pass
+    if setter is None:
+        print("# note: OpenBLAS not found; BLAS threads left as they are", file=sys.stderr)
+        yield
+        return
+    before = getter()
+    setter(n)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def cold_start_row():

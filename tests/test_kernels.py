@@ -13,7 +13,7 @@ from strategies import rows_and_block, rows_and_k
 
 from minisparse import kernels
 from minisparse import linear as reference
-from minisparse.kernels import sparse_matmul, ternary
+from minisparse.kernels import sparse_matmul, ternary, topk
 from minisparse.quant import absmax_quantize, absmean_ternarize
 from minisparse.sparsity import block_topk_mask, topk_mask
 from minisparse.tensor import Tensor, no_grad
@@ -34,10 +34,12 @@ def problems(draw, max_rows=9, max_in=70, max_out=40):
 
 @pytest.fixture(params=["serial", "parallel"])
 def threads(request, monkeypatch):
-    """Run the GEMV kernels on both code paths (the size switch moved to 0 for "parallel")."""
+    """Run the kernels on both code paths (the size switches moved to 0 for "parallel")."""
     if request.param == "parallel":
         monkeypatch.setattr(sparse_matmul, "PARALLEL_MIN_WEIGHTS", 0)
         monkeypatch.setattr(ternary, "PARALLEL_MIN_CODES", 0)
+        monkeypatch.setattr(ternary, "PARALLEL_MIN_SIZE", 0)
+        monkeypatch.setattr(topk, "PARALLEL_MIN_SIZE", 0)
     return request.param
 
 
@@ -48,14 +50,16 @@ same_threads = settings(suppress_health_check=[HealthCheck.function_scoped_fixtu
 # --- masks: equal to the reference bit for bit ---
 
 
+@same_threads
 @given(rows_and_k())
-def test_topk_mask_equals_reference(case):
+def test_topk_mask_equals_reference(threads, case):
     x, k = case
     np.testing.assert_array_equal(kernels.topk_mask(x, k), topk_mask(x, k))
 
 
+@same_threads
 @given(rows_and_block())
-def test_block_topk_mask_equals_reference(case):
+def test_block_topk_mask_equals_reference(threads, case):
     x, (n, m) = case
     np.testing.assert_array_equal(kernels.block_topk_mask(x, n, m), block_topk_mask(x, n, m))
 
@@ -137,8 +141,9 @@ def test_ternary_int16_partial_sums_hold_the_extremes():
     np.testing.assert_array_equal(got, t.astype(np.int64) @ q.astype(np.int64))
 
 
+@same_threads
 @given(rows_and_k())
-def test_quantize_rows_equals_reference(case):
+def test_quantize_rows_equals_reference(threads, case):
     x, _ = case
     q, s = kernels.quantize_rows(x)
     q_ref, s_ref = absmax_quantize(x)

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..quant import absmean_ternarize
+from .topk import PARALLEL_MIN_SIZE
 
 PARALLEL_MIN_CODES = 1 << 22  # K * D_out below this: one thread (see sparse_matmul.py)
 _INT16_ROWS = 128  # rows summed in int16 before a flush to int32
@@ -125,23 +126,31 @@ def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.nd
     return out.reshape(-1)[: p.shape[0]] - np.int32(xq[idx].astype(np.int32).sum())
 
 
-@njit(parallel=True, cache=True)
-def _absmax_rows(x):
+@njit(cache=True, inline="always")
+def _absmax_row(x, q, s):
     # SPEC 3 in the input's float dtype, operation for operation as the NumPy reference:
     # s = 127 / max(max|x|, 1e-5), q = clip(rint(x * s), -128, 127).
-    n, d = x.shape
-    q = np.empty((n, d), np.int8)
-    s = np.empty((n, 1), x.dtype)
-    one27, tiny = x.dtype.type(127), x.dtype.type(1e-5)
-    for r in prange(n):
-        si = one27 / max(np.abs(x[r]).max(), tiny)
-        s[r, 0] = si
-        for j in range(d):
-            q[r, j] = min(max(np.rint(x[r, j] * si), -128), 127)
-    return q, s
+    s[0] = x.dtype.type(127) / max(np.abs(x).max(), x.dtype.type(1e-5))
+    for j in range(x.shape[0]):
+        q[j] = min(max(np.rint(x[j] * s[0]), -128), 127)
+
+
+@njit(parallel=True, cache=True)
+def _absmax_rows_parallel(x, q, s):
+    for r in prange(x.shape[0]):
+        _absmax_row(x[r], q[r], s[r])
+
+
+@njit(cache=True)
+def _absmax_rows_serial(x, q, s):
+    for r in range(x.shape[0]):
+        _absmax_row(x[r], q[r], s[r])
 
 
 def quantize_rows(x: np.ndarray):
     """x [..., D] -> (q int8 [..., D], s [..., 1]): SPEC 3 absmax codes, equal to the reference."""
-    q, s = _absmax_rows(np.ascontiguousarray(x).reshape(-1, x.shape[-1]))
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    q, s = np.empty(rows.shape, np.int8), np.empty((rows.shape[0], 1), rows.dtype)
+    run = _absmax_rows_serial if rows.size < PARALLEL_MIN_SIZE else _absmax_rows_parallel
+    run(rows, q, s)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+# Below this many entries one thread does all rows: waking the thread pool costs ~0.1 ms.
+PARALLEL_MIN_SIZE = 1 << 16
+
 
 @njit(cache=True, inline="always")
 def _row_topk(x, xb, nbits, k, keep, y):
@@ -41,14 +44,15 @@ def _row_topk(x, xb, nbits, k, keep, y):
 
 
 @njit(parallel=True, cache=True)
-def _topk_rows(x, xb, nbits, k):
-    """x [N, D] -> (mask [N, D] with k ones per row, x ⊙ mask)."""
-    n, d = x.shape
-    mask = np.empty((n, d), np.bool_)
-    y = np.empty_like(x)
-    for i in prange(n):
+def _topk_rows_parallel(x, xb, nbits, k, mask, y):
+    for i in prange(x.shape[0]):
         _row_topk(x[i], xb[i], nbits, k, mask[i], y[i])
-    return mask, y
+
+
+@njit(cache=True)
+def _topk_rows_serial(x, xb, nbits, k, mask, y):
+    for i in range(x.shape[0]):
+        _row_topk(x[i], xb[i], nbits, k, mask[i], y[i])
 
 
 @njit(cache=True)
@@ -67,7 +71,9 @@ def _bits(rows):
 def _select(x, d, k):
     """(mask, x ⊙ mask) of [..., D] x, top-k within consecutive groups of d (d = D or M)."""
     rows = np.ascontiguousarray(x).reshape(-1, d)
-    mask, y = _topk_rows(rows, *_bits(rows), k)
+    mask, y = np.empty(rows.shape, np.bool_), np.empty_like(rows)
+    run = _topk_rows_serial if rows.size < PARALLEL_MIN_SIZE else _topk_rows_parallel
+    run(rows, *_bits(rows), k, mask, y)
     return mask.reshape(x.shape), y.reshape(x.shape)
 
 
