@@ -6,6 +6,16 @@ Layers, bottom to top: ``tensor`` (autograd engine) -> ``functions`` (differenti
 ``kernels`` is the Numba fast path behind the same interface.
 """
 
+import os
+
+# OpenBLAS's and Numba's thread pools spin while idle by default; on a laptop's few cores the
+# two pools then steal each other's cores and training on small matrices runs several times
+# slower. Ask both to sleep when idle. They read this when they load, so it takes effect when
+# minisparse is imported before NumPy (always so for the `minisparse` command); a user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 __version__ = "0.1.0"
 
 from minisparse.nn import Module, Parameter
