@@ -72,12 +72,12 @@ def _add_rows(a0, a1, a2, a3, r0, x0, r1, x1):
 
 
 @njit(cache=True, inline="always")
-def _code_sums(xq, idx, codes, out, lo, hi):
-    """out[s, lo:hi] = Σ_{i in idx} xq[i] * c_s(codes[i, lo:hi]) for the four planes s."""
-    n = hi - lo
+def _code_sums(x16, idx, codes, out):
+    """out[s, :] += Σ_{i in idx} x16[i] * c_s(codes[i, :]) for the four planes s."""
+    n = codes.shape[1]
     a0, a1, a2, a3 = np.empty(n, np.int16), np.empty(n, np.int16), np.empty(n, np.int16), \
         np.empty(n, np.int16)
-    o0, o1, o2, o3 = out[0, lo:hi], out[1, lo:hi], out[2, lo:hi], out[3, lo:hi]
+    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
     k = idx.shape[0]
     for g in range(0, k, _INT16_ROWS):
         a0[:] = 0
@@ -85,11 +85,12 @@ def _code_sums(xq, idx, codes, out, lo, hi):
         a2[:] = 0
         a3[:] = 0
         end = min(k, g + _INT16_ROWS)
-        for p in range(g, end, 2):
-            i0 = idx[p]
-            i1 = idx[p + 1] if p + 1 < end else i0
-            x1 = np.int16(xq[i1]) if p + 1 < end else np.int16(0)
-            _add_rows(a0, a1, a2, a3, codes[i0, lo:hi], np.int16(xq[i0]), codes[i1, lo:hi], x1)
+        for p in range(g, end - 1, 2):  # pairs of rows; no branch inside (it halves the speed)
+            i0, i1 = idx[p], idx[p + 1]
+            _add_rows(a0, a1, a2, a3, codes[i0], x16[i0], codes[i1], x16[i1])
+        if (end - g) % 2:  # an odd last row, paired with a zero
+            i0 = idx[end - 1]
+            _add_rows(a0, a1, a2, a3, codes[i0], x16[i0], codes[i0], np.int16(0))
         for b in range(n):
             o0[b] += a0[b]
             o1[b] += a1[b]
@@ -98,20 +99,20 @@ def _code_sums(xq, idx, codes, out, lo, hi):
 
 
 @njit(cache=True)
-def _ternary_serial(xq, idx, codes):
+def _ternary_serial(x16, idx, codes):
     out = np.zeros((4, codes.shape[1]), np.int32)
-    _code_sums(xq, idx, codes, out, 0, codes.shape[1])
+    _code_sums(x16, idx, codes, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _ternary_parallel(xq, idx, codes, parts):
+def _ternary_parallel(x16, idx, codes, parts):
     # Split the kept rows between threads (each streams whole rows, in order, into its own
     # int32 sums), then add the partial sums: as in sparse_matmul._gemv_parallel.
     k = idx.shape[0]
     out = np.zeros((parts, 4, codes.shape[1]), np.int32)
     for t in prange(parts):
-        _code_sums(xq, idx[t * k // parts:(t + 1) * k // parts], codes, out[t], 0, codes.shape[1])
+        _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], codes, out[t])
     for t in range(1, parts):
         out[0] += out[t]
     return out[0]
@@ -119,11 +120,14 @@ def _ternary_parallel(xq, idx, codes, parts):
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
     """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs)."""
+    # Codes widened to int16 before the kernel: told that x fits in 8 bits, LLVM picks a
+    # vectorisation of the inner loop that runs at half the speed.
+    x16 = xq.astype(np.int16)
     if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
-        out = _ternary_serial(xq, idx, p.codes)
+        out = _ternary_serial(x16, idx, p.codes)
     else:
-        out = _ternary_parallel(xq, idx, p.codes, 2)
-    return out.reshape(-1)[: p.shape[0]] - np.int32(xq[idx].astype(np.int32).sum())
+        out = _ternary_parallel(x16, idx, p.codes, 2)
+    return out.reshape(-1)[: p.shape[0]] - np.int32(x16[idx].sum(dtype=np.int32))
 
 
 @njit(cache=True, inline="always")
