@@ -9,8 +9,9 @@ vectorises over bytes. The product is integer-exact:
 
     Σ_i q_i t_oi = Σ_i q_i c_oi - Σ_i q_i,    then  y_o = that / (s_x s_w)   (SPEC 5)
 
-Partial sums live in int16 for up to 128 rows (|q c| <= 256, 128 * 256 = 32768 fits) and are
-flushed to int32: int16 lanes are twice as many per AVX2 register as int32 ones.
+The int8 codes q are widened to int16 lanes; partial sums stay in int16 for up to 128 rows
+(q c in [-256, 254], so 128 of them stay in [-32768, 32512]) and are then flushed to int32:
+an AVX2 register holds twice as many int16 lanes as int32 ones.
 """
 
 from __future__ import annotations
