@@ -292,30 +292,30 @@ def _torch_train_step(config, batch, data, rng):
 
 @contextmanager
 def blas_threads(n):
-    """Limit numpy's OpenBLAS to n threads inside the block (found among the loaded libraries,
-    as threadpoolctl does; a no-op with a note where it is not found)."""
-    setter = getter = None
-    try:
+    """Limit every loaded OpenBLAS (numpy's, and scipy's if loaded) to n threads inside the
+    block, found among the process's libraries as threadpoolctl does."""
+    try:  # Linux: the shared libraries mapped into this process
         with open("/proc/self/maps") as maps:
-            path = next(line.split()[-1] for line in maps if "openblas" in line.lower())
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:
+        paths = set()
+    controls = []
+    for path in sorted(paths):
         lib = ctypes.CDLL(path)
-        for prefix, suffix in (("", ""), ("scipy_", "64_"), ("", "64_")):
+        for prefix, suffix in (("", ""), ("scipy_", "64_"), ("scipy_", ""), ("", "64_")):
             if hasattr(lib, f"{prefix}openblas_set_num_threads{suffix}"):
                 setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")
                 getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")
+                controls.append((setter, getter()))
+                setter(n)
                 break
-    except (OSError, StopIteration):
-        pass
-    if setter is None:
+    if not controls:
         print("# note: OpenBLAS not found; BLAS threads left as they are", file=sys.stderr)
-        yield
-        return
-    before = getter()
-    setter(n)
     try:
         yield
     finally:
-        setter(before)
+        for setter, before in controls:
+            setter(before)
 
 
 def cold_start_row():
