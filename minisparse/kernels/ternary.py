@@ -11,7 +11,9 @@ vectorises over bytes. The product is integer-exact:
 
 The int8 codes q are widened to int16 lanes; partial sums stay in int16 for up to 128 rows
 (q c in [-256, 254], so 128 of them stay in [-32768, 32512]) and are then flushed to int32:
-an AVX2 register holds twice as many int16 lanes as int32 ones.
+an AVX2 register holds twice as many int16 lanes as int32 ones. The loop does enough arithmetic
+per byte that the hardware prefetcher falls behind on cold weights, so each pair of rows is
+touched (one load per cache line) while the previous pair is computed.
 """
 
 from __future__ import annotations
@@ -73,13 +75,26 @@ def _add_rows(a0, a1, a2, a3, r0, x0, r1, x1):
 
 
 @njit(cache=True, inline="always")
+def _touch(row):
+    """One load per 64-byte line of row: a software prefetch (numba has no prefetch intrinsic).
+    The misses overlap with the arithmetic on the current rows instead of stalling it."""
+    seen = np.uint8(0)
+    for j in range(0, row.shape[0], 64):
+        seen |= row[j]
+    return seen
+
+
+@njit(cache=True, inline="always")
 def _code_sums(x16, idx, codes, out):
-    """out[s, :] += Σ_{i in idx} x16[i] * c_s(codes[i, :]) for the four planes s."""
+    """out[s, :] += Σ_{i in idx} x16[i] * c_s(codes[i, :]) for the four planes s.
+
+    Returns the OR of the prefetched bytes, which the callers pass on so the loads are kept."""
     n = codes.shape[1]
     a0, a1, a2, a3 = np.empty(n, np.int16), np.empty(n, np.int16), np.empty(n, np.int16), \
         np.empty(n, np.int16)
     o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
     k = idx.shape[0]
+    seen = np.uint8(0)
     for g in range(0, k, _INT16_ROWS):
         a0[:] = 0
         a1[:] = 0
@@ -87,6 +102,8 @@ def _code_sums(x16, idx, codes, out):
         a3[:] = 0
         end = min(k, g + _INT16_ROWS)
         for p in range(g, end - 1, 2):  # pairs of rows; no branch inside (it halves the speed)
+            if p + 3 < k:  # the next pair, while this one is computed
+                seen |= _touch(codes[idx[p + 2]]) | _touch(codes[idx[p + 3]])
             i0, i1 = idx[p], idx[p + 1]
             _add_rows(a0, a1, a2, a3, codes[i0], x16[i0], codes[i1], x16[i1])
         if (end - g) % 2:  # an odd last row, paired with a zero
@@ -97,13 +114,14 @@ def _code_sums(x16, idx, codes, out):
             o1[b] += a1[b]
             o2[b] += a2[b]
             o3[b] += a3[b]
+    return seen
 
 
 @njit(cache=True)
 def _ternary_serial(x16, idx, codes):
     out = np.zeros((4, codes.shape[1]), np.int32)
-    _code_sums(x16, idx, codes, out)
-    return out
+    seen = _code_sums(x16, idx, codes, out)
+    return out, seen
 
 
 @njit(parallel=True, cache=True)
@@ -112,11 +130,12 @@ def _ternary_parallel(x16, idx, codes, parts):
     # int32 sums), then add the partial sums: as in sparse_matmul._gemv_parallel.
     k = idx.shape[0]
     out = np.zeros((parts, 4, codes.shape[1]), np.int32)
+    seen = np.zeros(parts, np.uint8)
     for t in prange(parts):
-        _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], codes, out[t])
+        seen[t] = _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], codes, out[t])
     for t in range(1, parts):
         out[0] += out[t]
-    return out[0]
+    return out[0], seen
 
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
@@ -125,9 +144,9 @@ def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.nd
     # vectorisation of the inner loop that runs at half the speed.
     x16 = xq.astype(np.int16)
     if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
-        out = _ternary_serial(x16, idx, p.codes)
+        out, _ = _ternary_serial(x16, idx, p.codes)
     else:
-        out = _ternary_parallel(x16, idx, p.codes, 2)
+        out, _ = _ternary_parallel(x16, idx, p.codes, 2)
     return out.reshape(-1)[: p.shape[0]] - np.int32(x16[idx].sum(dtype=np.int32))
 
 
