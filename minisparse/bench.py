@@ -226,7 +226,38 @@ def train_rows(quick, reps):
     if torch_step is None:
         print("# train_vs_torch: skipped (torch not installed)", file=sys.stderr)
         return
-    yield dict(compare("train_vs_torch", shape, 0.5, torch_step, steps["numba"], r), unit="s")
+    import torch
+
+    threads = _fastest_threads(torch, torch_step)
+    with _torch_threads(torch, threads):
+        row = compare("train_vs_torch", shape, 0.5, torch_step, steps["numba"], r)
+    print(f"# train_vs_torch: PyTorch on {threads} intra-op thread(s), its faster setting here",
+          file=sys.stderr)
+    yield dict(row, unit="s")
+
+
+def _fastest_threads(torch, step, tries=3):
+    """PyTorch's faster intra-op thread count for ``step``: 1 or its default (the baseline gets
+    its best setting on this machine)."""
+    times = {}
+    for n in sorted({1, torch.get_num_threads()}):
+        with _torch_threads(torch, n):
+            step()
+            t = time.perf_counter()
+            for _ in range(tries):
+                step()
+            times[n] = time.perf_counter() - t
+    return min(times, key=times.get)
+
+
+@contextmanager
+def _torch_threads(torch, n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _torch_train_step(config, batch, data, rng):
