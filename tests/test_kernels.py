@@ -2,13 +2,16 @@
 products exactly, float products and the fused op to float rounding."""
 
 import os
+import re
 import subprocess
 import sys
 
+import llvmlite.binding as llvm
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numba import njit
 from strategies import rows_and_block, rows_and_k
 
 from minisparse import kernels
@@ -222,6 +225,28 @@ def test_pack_model_decodes_like_the_reference():
         fast.blocks[0].attn.q.data *= 2  # a packed weight cannot silently go stale
     kernels.unpack_model(fast)
     fast.blocks[0].attn.q.data *= 1
+
+
+# --- the inner loops vectorise (a scalar fallback runs at a fraction of the speed) ---
+
+
+def _fresh_asm(kernel, *args):
+    """x86 assembly of a kernel compiled afresh (code loaded from the cache has none)."""
+    fresh = njit(fastmath=kernel.targetoptions.get("fastmath", False))(kernel.py_func)
+    fresh(*args)
+    return "".join(fresh.inspect_asm().values())
+
+
+@pytest.mark.skipif("+avx2" not in llvm.get_host_cpu_features().flatten()
+                    or "+fma" not in llvm.get_host_cpu_features().flatten(),
+                    reason="needs an x86 CPU with AVX2 and FMA")
+def test_inner_loops_use_avx2():
+    x, idx = np.ones(8, np.float32), np.arange(8)
+    asm = _fresh_asm(sparse_matmul._gemv_serial, x, idx, np.ones((8, 64), np.float32))
+    assert re.search(r"vfmadd\w+ps\s[^\n]*%ymm", asm), "sparse GEMV: no AVX2 FMA"
+    asm = _fresh_asm(ternary._ternary_serial, np.ones(8, np.int16), idx,
+                     np.ones((8, 64), np.uint8))
+    assert re.search(r"vpmullw\s[^\n]*%ymm", asm), "ternary GEMV: no 16-bit AVX2 multiply"
 
 
 # --- the backend switch ---

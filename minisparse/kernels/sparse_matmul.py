@@ -22,7 +22,12 @@ def pack_sparse_weights(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T)
 
 
-@njit(cache=True, inline="always", fastmath={"contract"})
+# fastmath "contract" (a*b + c -> one FMA) must be on the compiled callers: an inlined body
+# takes its caller's flags.
+FMA = {"contract"}
+
+
+@njit(cache=True, inline="always")
 def _axpy_rows(x, idx, lo, hi, wt, acc):
     """acc[:] += Σ_{p in [lo, hi)} x[idx[p]] * wt[idx[p], :]  (four rows per pass)."""
     n = acc.shape[0]
@@ -32,7 +37,7 @@ def _axpy_rows(x, idx, lo, hi, wt, acc):
         x0, x1, x2, x3 = x[i0], x[i1], x[i2], x[i3]
         w0, w1, w2, w3 = wt[i0], wt[i1], wt[i2], wt[i3]
         for o in range(n):
-            acc[o] += (x0 * w0[o] + x1 * w1[o]) + (x2 * w2[o] + x3 * w3[o])
+            acc[o] = acc[o] + x0 * w0[o] + x1 * w1[o] + x2 * w2[o] + x3 * w3[o]  # 4 FMAs
         p += 4
     while p < hi:
         x0, w0 = x[idx[p]], wt[idx[p]]
@@ -41,14 +46,14 @@ def _axpy_rows(x, idx, lo, hi, wt, acc):
         p += 1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FMA)
 def _gemv_serial(x, idx, wt):
     acc = np.zeros(wt.shape[1], wt.dtype)
     _axpy_rows(x, idx, 0, idx.shape[0], wt, acc)
     return acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FMA)
 def _gemv_parallel(x, idx, wt, parts):
     # Split the kept rows (not the outputs) between threads: each streams whole contiguous rows
     # into its own accumulator, and the partial sums are added at the end.
@@ -66,7 +71,7 @@ def sparse_gemv(x: np.ndarray, idx: np.ndarray, wt: np.ndarray) -> np.ndarray:
     return _gemv_parallel(x, idx, wt, 2)
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
+@njit(parallel=True, cache=True, fastmath=FMA)
 def _gemm_rows(x, mask, wt):
     n, d_in = x.shape
     y = np.zeros((n, wt.shape[1]), wt.dtype)
@@ -81,7 +86,7 @@ def sparse_gemm(x: np.ndarray, mask: np.ndarray, wt: np.ndarray) -> np.ndarray:
     return _gemm_rows(np.ascontiguousarray(x), np.ascontiguousarray(mask), wt)
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
+@njit(parallel=True, cache=True, fastmath=FMA)
 def _weight_grad_t(xt, mask_t, gy):
     # Row i of dWt only gathers the tokens that kept input i: (1 - S) of the dense work.
     d_in = xt.shape[0]
