@@ -3,12 +3,13 @@
 Each comparison is warmed up, then baseline and candidate run in alternating repetitions (the
 machine is shared and noisy) and the medians are compared: ratio = baseline time / ours.
 Numba's OpenMP pool and OpenBLAS's pool both spin after a call by default; on 2 cores each then
-steals the other's cores, and both timings turn to noise. So the measurements run in a child
-process with both pools set to sleep when idle (OMP_WAIT_POLICY=PASSIVE,
-OPENBLAS_THREAD_TIMEOUT=4): thread pools are configured when the libraries load, before any
-code here could change them. Whole-model rows (decode, training) run with OpenBLAS on one
-thread for both minisparse backends: their many small matmuls lose more to waking a second
-BLAS thread than they gain (PyTorch keeps its own default threads).
+steals the other's cores and both timings turn to noise. Importing minisparse asks both to sleep
+when idle (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, unless set by the user); the
+table's header shows the settings in force.
+
+Whole-model rows (decode, training) run with OpenBLAS on one thread for both minisparse
+backends: their many small matmuls lose more to waking a second BLAS thread than they gain.
+PyTorch runs at its faster intra-op thread count here (1 or its default).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 
 import numpy as np
 
-POOL_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 GEMV_SHAPES = [(1024, 4096), (2048, 5632), (4096, 11008)]  # (d_in, d_out)
 GEMV_SPARSITY = [0.5, 0.75, 0.9]
 # ~50M parameters: 16 layers of 4 * 512^2 + 3 * 512 * 1360 weights (SPEC 6 default ffn_hidden).
@@ -49,15 +49,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    """Handler: re-run in a child process with the pool settings above, unless already there."""
-    if all(os.environ.get(k) == v for k, v in POOL_ENV.items()):
-        return measure(args)
-    argv = [sys.executable, "-m", "minisparse.bench"] + (["--quick"] if args.quick else []) \
-        + (["--json"] if args.json else []) + ([f"--reps={args.reps}"] if args.reps else [])
-    return subprocess.run(argv, env={**os.environ, **POOL_ENV}).returncode
-
-
-def measure(args) -> int:
+    """Handler: measure every row, print the table (or the JSON list with --json)."""
     reps = args.reps or (3 if args.quick else 15)
     rows = []
     for row in _all_rows(args.quick, reps):
@@ -84,7 +76,8 @@ def _all_rows(quick, reps):
 def _print_header():
     import numba
 
-    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", *POOL_ENV)}
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                          "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     print(f"# numpy {np.__version__}, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS}"
           f" threads), {os.cpu_count()} cpus; env {env}")
     print(f"# {'name':<22} {'shape':<12} {'S':>5} {'baseline':>11} {'ours':>11} {'ratio':>7}")
