@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import load_checkpoint
 from .data import CharTokenizer, make_dataset
 from .generate import generate
+from .kernels import default_backend, pack_model
 from .linear import BACKENDS
 from .model import GPT, GPTConfig, count_params
 from .train import TrainSettings, evaluate, resolve_text, train
@@ -225,6 +226,8 @@ def _sample_parser(sub) -> None:
 def _sample(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     model = _model(ckpt, args.backend)
+    if (args.backend or default_backend()) == "numba":
+        pack_model(model)  # decode GEMVs read packed weights: kept rows only, 2-bit ternary
     tokenizer = CharTokenizer(ckpt.vocab)
     ids = generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, seed=args.seed, tokenizer=tokenizer)
