@@ -16,21 +16,25 @@ BACKENDS = ("numpy", "numba")
 
 
 def sparse_linear(x, w, *, sparsity=0.0, k=None, block=None, rescale="none", bits=None,
-                  ste=True, backend=None) -> Tensor:
+                  ste=True, backend=None, observe=None) -> Tensor:
     """Y [..., D_out] = sparsify(A(X)) @ Qw(W).T for X [..., D_in], W [D_out, D_in] (SPEC 5).
 
     A = int8 absmax and Qw = ternary absmean when bits=1.58, else identity; sparsify is top-K
-    (k, or sparsity > 0) or N:M (block), else identity; no bias."""
+    (k, or sparsity > 0) or N:M (block), else identity; no bias. ``observe``, if given, is
+    called as observe(sparsify(A(X)) ndarray [..., D_in], D_in, D_out) (e.g. to count nonzeros)."""
     _check_operands(x, w)
     k, block = resolve_linear(w.shape[1], sparsity=sparsity, k=k, block=block, rescale=rescale,
                               bits=bits, ste=ste)
     if _backend(backend) == "numba":
         from .kernels import sparse_linear as kernel
 
-        return kernel(x, w, k=k, block=block, rescale=rescale, bits=bits, ste=ste)
+        return kernel(x, w, k=k, block=block, rescale=rescale, bits=bits, ste=ste,
+                      observe=observe)
     a = quantize_activations(x) if bits else x
     if k is not None or block is not None:  # the mask sees A(X), the values it masks
         a = sparsify(a, k=k, block=block, rescale=rescale, ste=ste)
+    if observe is not None:
+        observe(a.data, w.shape[1], w.shape[0])
     return a @ (ternarize_weights(w) if bits else w).T  # [..., D_in] @ [D_in, D_out]
 
 

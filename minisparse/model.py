@@ -342,29 +342,40 @@ class GPT(Module):
     """Decoder-only LM of SPEC section 6 with a tied, dense, full-precision head."""
 
     def __init__(self, config: GPTConfig, rng: np.random.Generator | None = None,
-                 dtype=np.float32, backend=None):
+                 dtype=np.float32, backend=None, ste: bool = True):
         """Init per SPEC section 6 from ``rng`` (None: fresh OS entropy); ``backend`` picks
-        the sparse_linear implementation (None: the process default)."""
+        the sparse_linear implementation (None: the process default); ``ste=False`` trains
+        with the masked top-K gradient (Q-Sparse eq. 12) instead of the STE (eq. 13)."""
         if isinstance(config, dict):
             config = GPTConfig.from_dict(config)
+        if not isinstance(ste, bool):
+            raise TypeError(f"GPT: ste must be True or False, got {ste!r}")
         rng = np.random.default_rng() if rng is None else rng
         self.config = config
-        linear = dict(sparsity=config.sparsity, k=None, block=config.block,
-                      rescale=config.rescale, bits=config.bits, ste=True, backend=backend)
+        # one dict of sparse_linear options, shared by every projection (see observe())
+        self.linear = dict(sparsity=config.sparsity, k=None, block=config.block,
+                           rescale=config.rescale, bits=config.bits, ste=ste, backend=backend,
+                           observe=None)
         self.tok_emb = _normal(rng, (config.vocab_size, config.d_model), 0.02, dtype)
-        self.blocks = [Block(config, rng, dtype, linear) for _ in range(config.n_layers)]
+        self.blocks = [Block(config, rng, dtype, self.linear) for _ in range(config.n_layers)]
         self.norm = Parameter(np.ones(config.d_model, dtype))
         self.rope_cos, self.rope_sin = rope_tables(config, np.arange(config.context), dtype)
 
     @classmethod
-    def from_params(cls, config: GPTConfig, params: dict, backend=None) -> GPT:
+    def from_params(cls, config: GPTConfig, params: dict, backend=None,
+                    ste: bool = True) -> GPT:
         """A model holding copies of ``params`` (SPEC names and shapes; one float dtype)."""
         if isinstance(config, dict):
             config = GPTConfig.from_dict(config)
         dtype = check_params(config, params)
-        model = cls(config, np.random.default_rng(0), dtype=dtype, backend=backend)
+        model = cls(config, np.random.default_rng(0), dtype=dtype, backend=backend, ste=ste)
         model.load_state_dict(params)  # overwrites the throwaway init
         return model
+
+    def observe(self, fn) -> None:
+        """From now on every projection calls ``fn(a, d_in, d_out)`` with the input it
+        multiplies, a = sparsify(A(X)) [..., D_in] (SPEC 5; read-only); None stops."""
+        self.linear["observe"] = fn
 
     def params_dict(self) -> dict[str, np.ndarray]:
         """SPEC name -> a copy of the parameter array."""

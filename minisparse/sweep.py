@@ -18,21 +18,15 @@ import hashlib
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import linear
-from . import model as model_module
-from . import train as train_module
 from .checkpoint import load_checkpoint
 from .data import CharTokenizer, get_batch, make_dataset
 from .model import GPT, GPTConfig, count_params
-from .quant import absmax_quantize
 from .scaling import ScalingFit, fit_scaling_law
-from .sparsity import block_topk_mask, topk_mask
 from .tensor import no_grad
 from .train import CKPT_NAME, TrainSettings, resolve_text, train
 
@@ -48,14 +42,16 @@ class Run:
 
     variant: str  # a label: the grid point ("d64-l2-s0.5-fp-seed0") or the ablation arm
     config: dict
-    settings: dict
-    ste: bool = True  # False: masked top-K gradient (eq. 12), the no-STE ablation
+    settings: dict  # {"ste": False}: masked top-K gradient (eq. 12), the no-STE ablation
     init_from: str | None = None  # name of an earlier run of the same sweep to start from
 
     @property
     def name(self) -> str:
         """variant + a hash of everything that defines the run, so changed settings rerun."""
-        spec = json.dumps([self.config, self.settings, self.ste, self.init_from], sort_keys=True)
+        # ste hashed apart from the other settings, where it used to be, keeping earlier names
+        settings = {k: v for k, v in self.settings.items() if k != "ste"}
+        ste = self.settings.get("ste", True)
+        spec = json.dumps([self.config, settings, ste, self.init_from], sort_keys=True)
         return f"{self.variant}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
@@ -103,65 +99,23 @@ def heads_for(d_model: int) -> int:
     return max(1, d_model // 32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Two small shims: the model has no switch for the masked top-K gradient and no hook for the
-# inputs of its projections (both requested from model.py; these go when those exist).
-
-
-@contextmanager
-def _masked_gradient(on: bool):
-    """While open (and `on`), the GPT that train() builds uses the masked top-K backward
-    (eq. 12, ste=False): GPT keeps ste=True in one `linear` dict shared by every projection."""
-    if not on:
-        yield
-        return
-
-    class MaskedGradientGPT(GPT):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            for block in self.blocks:
-                block.attn.linear["ste"] = block.ffn.linear["ste"] = False
-
-    train_module.GPT = MaskedGradientGPT
-    try:
-        yield
-    finally:
-        train_module.GPT = GPT
-
-
-@contextmanager
-def _recording_projections(record: list):
-    """While open, every sparse_linear call of the model appends (rows, nonzeros of the input
-    it multiplies, i.e. sparsify(A(X)), D_in, D_out) to `record`."""
-    original = linear.sparse_linear
-
-    def recording(x, w, **kwargs):
-        options = {k: v for k, v in kwargs.items() if k != "backend"}
-        k, block = linear.resolve_linear(w.shape[1], **options)
-        a = absmax_quantize(x.data)[0].astype(x.dtype) if kwargs.get("bits") else x.data
-        if k is not None:
-            a = a * topk_mask(a, k)
-        elif block is not None:
-            a = a * block_topk_mask(a, *block)
-        record.append((a.size // a.shape[-1], np.count_nonzero(a), w.shape[1], w.shape[0]))
-        return original(x, w, **kwargs)
-
-    linear.sparse_linear = model_module.sparse_linear = recording
-    try:
-        yield
-    finally:
-        linear.sparse_linear = model_module.sparse_linear = original
-
-
 def activation_sparsity(model: GPT, batches) -> float:
     """Measured overall sparsity 1 - sum_p nnz_p D_out,p / sum_p D_in,p D_out,p over every
     projection call p (nnz_p: mean nonzeros per token of the input p multiplies, sparsify(A(X)),
     SPEC §5, §7) on token batches idx (B, T). Counts top-K zeros and natural ones (relu², int8
     rounding), so a dense relu² model is not 0."""
     record = []
-    with no_grad(), _recording_projections(record):
-        for idx in batches:
-            model(idx)
+
+    def observe(a, d_in, d_out):  # a = sparsify(A(X)) [..., D_in]
+        record.append((a.size // d_in, np.count_nonzero(a), d_in, d_out))
+
+    model.observe(observe)
+    try:
+        with no_grad():
+            for idx in batches:
+                model(idx)
+    finally:
+        model.observe(None)
     active = sum(nnz / rows * d_out for rows, nnz, _, d_out in record)
     return 1.0 - active / sum(d_in * d_out for _, _, d_in, d_out in record)
 
@@ -223,9 +177,8 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
     if run.init_from is not None and not resume:
         init_from = out_dir / "runs" / run.init_from / CKPT_NAME
     t0 = time.perf_counter()
-    with _masked_gradient(not run.ste):
-        result = train(run.config, run.settings, text=text, data_path=data_path,
-                       out_dir=run_dir, resume=resume, init_from=init_from, progress=progress)
+    result = train(run.config, run.settings, text=text, data_path=data_path,
+                   out_dir=run_dir, resume=resume, init_from=init_from, progress=progress)
     wall = time.perf_counter() - t0
     if result.stopped is not None and result.stopped.startswith("interrupted"):
         raise KeyboardInterrupt(result.stopped)
@@ -241,7 +194,7 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
         "run": run.name, "variant": run.variant, "d_model": c.d_model, "n_layers": c.n_layers,
         "n_heads": c.n_heads, "ffn_hidden": c.ffn_hidden, "context": c.context,
         "sparsity": c.sparsity, "block": "" if c.block is None else f"{c.block[0]}:{c.block[1]}",
-        "bits": "" if c.bits is None else c.bits, "ste": run.ste, "ffn_act": c.ffn_act,
+        "bits": "" if c.bits is None else c.bits, "ste": result.settings.ste, "ffn_act": c.ffn_act,
         "init_from": run.init_from or "", "iters": result.settings.iters,
         "batch": result.settings.batch, "lr": result.settings.lr, "seed": result.settings.seed,
         "N": counts["N"], "N_a": counts["N_a"], "S": counts["sparsity"],
@@ -433,7 +386,7 @@ def ablation_runs(kind: str, *, d_model: int = 64, n_layers: int = 2, sparsity: 
     settings = grid.settings(seed)
     if kind == "ste":
         return [Run("topk-ste", {**base, "sparsity": sparsity}, settings),
-                Run("topk-no-ste", {**base, "sparsity": sparsity}, settings, ste=False),
+                Run("topk-no-ste", {**base, "sparsity": sparsity}, {**settings, "ste": False}),
                 Run("relu-only", base, settings)]
     if kind == "block":
         if d_model % 32:

@@ -58,9 +58,14 @@ class TrainSettings:
     log_interval: int = 50  # plain log line every N steps when stdout is not a terminal
     seed: int = 0
     eval_seed: int = 0
+    ste: bool = True  # False: masked top-K gradient (Q-Sparse eq. 12) instead of the STE
 
     def __post_init__(self):
+        if not isinstance(self.ste, bool):
+            raise ValueError(f"train setting ste must be true or false, got {self.ste!r}")
         for f in dataclasses.fields(self):
+            if f.name == "ste":
+                continue
             value = getattr(self, f.name)
             kind = type(f.default)  # int or float
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -132,7 +137,7 @@ def param_groups(model: GPT, weight_decay: float) -> list:
 def train(model_config=None, settings=None, *, text: str | None = None, data_path=None,
           out_dir="runs/default", resume: bool = False, init_from=None,
           overwrite: bool = False, backend: str | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, callback=None) -> TrainResult:
     """Train a GPT and checkpoint it to ``out_dir/ckpt.npz``.
 
     ``model_config``: a dict of GPTConfig fields (``vocab_size`` comes from the data) or a
@@ -145,7 +150,8 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     A fresh run refuses to replace an existing checkpoint unless ``overwrite``. ``backend``
     ("numpy" | "numba" | None = the kernels' default) picks the sparse_linear implementation.
     Ctrl-C saves a checkpoint and returns; a non-finite loss stops the run and keeps the last
-    good checkpoint. Both are reported in ``TrainResult.stopped``.
+    good checkpoint. Both are reported in ``TrainResult.stopped``. ``callback``, if given, is
+    called as callback(step, model) after every validation (periodic and final).
     """
     if resume and init_from is not None:
         raise ValueError("use either resume or init_from, not both")
@@ -169,7 +175,7 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
                         f"({base.data.get('source')})")
 
     rng = np.random.default_rng(settings.seed)
-    model = GPT(config, rng, backend=backend)
+    model = GPT(config, rng, backend=backend, ste=settings.ste)
     optimizer = AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
                       betas=(settings.beta1, settings.beta2), eps=settings.eps)
     step, history = 0, {"train_loss": [], "val_loss": []}
@@ -196,6 +202,8 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
                         settings.batch)
         history["val_loss"].append([step, loss])
         log.write(f"step {step}: val loss {loss:.4f}")
+        if callback is not None:
+            callback(step, model)
         return loss
 
     result = TrainResult(config, settings, step)

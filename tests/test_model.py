@@ -9,6 +9,7 @@ from gradcheck import gradcheck
 
 from minisparse.generate import generate, pick_token
 from minisparse.model import GPT, GPTConfig, KVCache, count_params, param_shapes, rope, rope_tables
+from minisparse.sparsity import k_for
 from minisparse.tensor import Tensor
 
 TINY = dict(vocab_size=11, context=8, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32)
@@ -21,9 +22,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(name="dense", dtype=np.float64, seed=0, **overrides):
+def tiny_model(name="dense", dtype=np.float64, seed=0, ste=True, backend=None, **overrides):
     config = GPTConfig(**{**TINY, **CONFIGS[name], **overrides})
-    model = GPT(config, np.random.default_rng(seed), dtype=dtype)
+    model = GPT(config, np.random.default_rng(seed), dtype=dtype, ste=ste, backend=backend)
     # larger weights than the 0.02 init, so attention, norms and top-K all do real work
     rng = np.random.default_rng(seed + 1)
     for p in model.parameters():
@@ -268,6 +269,71 @@ def test_gradients_match_central_differences(overrides):
         numeric[i] = loss_at("tok_emb", emb.data + e) - loss_at("tok_emb", emb.data - e)
     numeric /= 2 * eps
     np.testing.assert_allclose(emb.grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+def directional_derivatives(model, idx, targets, eps=1e-6):
+    """{name: (grad · u, central difference along u)} for one random direction u per parameter."""
+    model.zero_grad()
+    model(idx, targets)[1].backward()
+    rng, out = np.random.default_rng(0), {}
+    for name, p in model.named_parameters():
+        u, saved = rng.normal(size=p.shape), p.data.copy()
+        p.data[...] = saved + eps * u
+        up = model(idx, targets)[1].item()
+        p.data[...] = saved - eps * u
+        down = model(idx, targets)[1].item()
+        p.data[...] = saved
+        out[name] = (np.sum(p.grad * u), (up - down) / (2 * eps))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_ste_false_gives_the_masked_gradient(backend):
+    """Full-precision top-K without rescale is linear while its mask is fixed, so the masked
+    gradient (ste=False, Q-Sparse eq. 12) is the exact gradient; the STE (eq. 13) is not."""
+    masked = tiny_model("topk", ste=False, backend=backend)
+    ste = tiny_model("topk", backend=backend)
+    assert all(not b.attn.linear["ste"] and not b.ffn.linear["ste"] for b in masked.blocks)
+    idx, targets = tokens(masked.config, (2, 6), 1), tokens(masked.config, (2, 6), 2)
+    np.testing.assert_array_equal(masked(idx)[0].data, ste(idx)[0].data)  # same forward
+    for name, (analytic, numeric) in directional_derivatives(masked, idx, targets).items():
+        assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-9), name
+    off = [name for name, (a, n) in directional_derivatives(ste, idx, targets).items()
+           if not math.isclose(a, n, rel_tol=1e-3, abs_tol=1e-6)]
+    assert "blocks.0.attn.q" in off and "blocks.1.ffn.up" in off
+    with pytest.raises(TypeError, match="ste must be True or False"):
+        GPT(masked.config, ste="no")
+    params = masked.params_dict()
+    assert not GPT.from_params(masked.config, params, ste=False).blocks[1].ffn.linear["ste"]
+
+
+@pytest.mark.parametrize("name", ["dense", "topk", "block", "bits158"])
+def test_observe_sees_each_projection_input_and_changes_nothing(name):
+    model = tiny_model(name, backend="numpy")
+    fast = GPT.from_params(model.config, model.params_dict(), backend="numba")
+    idx = tokens(model.config, (2, 5))
+    plain = model(idx)[0].data
+    seen = {"numpy": [], "numba": []}
+    for m, key in ((model, "numpy"), (fast, "numba")):
+        m.observe(lambda a, d_in, d_out, key=key: seen[key].append((a.copy(), d_in, d_out)))
+    observed = model(idx)[0].data
+    fast(idx)
+    model.observe(None)
+    np.testing.assert_array_equal(observed, plain)
+    model(idx)  # stopped: nothing more recorded
+    c = model.config
+    d, f = c.d_model, c.ffn_hidden
+    per_layer = [(d, d)] * 4 + [(d, f), (d, f), (f, d)]  # q k v o, up gate down
+    assert [(d_in, d_out) for _, d_in, d_out in seen["numpy"]] == per_layer * c.n_layers
+    for (a, d_in, _), (b, _, _) in zip(seen["numpy"], seen["numba"], strict=True):
+        assert a.shape == (2, 5, d_in)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        kept = np.count_nonzero(a, axis=-1)
+        if name == "dense":
+            continue
+        k = d_in // 2 if name == "block" else k_for(d_in, sparsity=c.sparsity)
+        # K nonzeros per row; fewer only where relu² already zeroed inputs of down
+        assert (kept == k).all() if d_in == d else (kept <= k).all()
 
 
 def test_loss_is_mean_cross_entropy():

@@ -84,6 +84,33 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(tmp_path, monkeypatch):
     assert_same_state(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint))
 
 
+def test_ste_setting_reaches_the_model_and_survives_resume(tmp_path, monkeypatch):
+    sparse = {**TINY, "sparsity": 0.5}
+    s = settings(iters=4, eval_interval=2, ste=False)
+    seen = []
+
+    def callback(step, model):  # called after every validation
+        seen.append((step, model.blocks[0].attn.linear["ste"], model.blocks[0].ffn.linear["ste"]))
+
+    full = run(tmp_path / "full", model=sparse, settings=s, callback=callback)
+    assert seen == [(2, False, False), (4, False, False)]
+    assert load_checkpoint(full.checkpoint).settings["ste"] is False
+    with_ste = run(tmp_path / "ste", model=sparse, settings={**s, "ste": True})
+    assert with_ste.train_loss[0] == full.train_loss[0]  # same forward, different backward
+    assert with_ste.train_loss[1:] != full.train_loss[1:]
+
+    interrupt_at(monkeypatch, step=2)
+    run(tmp_path / "cut", model=sparse, settings=s)
+    monkeypatch.undo()
+    seen.clear()
+    resumed = train(None, {"iters": 4}, text=TEXT, out_dir=tmp_path / "cut", resume=True,
+                    backend="numpy", progress=False, callback=callback)
+    assert resumed.settings.ste is False and seen == [(4, False, False)]
+    assert resumed.train_loss == full.train_loss
+    with pytest.raises(ValueError, match="ste must be true or false"):
+        TrainSettings(ste=0)
+
+
 def test_resume_after_a_crash_from_the_interval_checkpoint(tmp_path, monkeypatch):
     full = run(tmp_path / "full")
     real = train_mod.get_batch

@@ -30,20 +30,23 @@ PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ff
 
 
 def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", bits=None,
-                  ste=True) -> Tensor:
+                  ste=True, observe=None) -> Tensor:
     """Y [..., D_out] = sparsify(A(X)) @ Qw(W).T (SPEC 5); same semantics as the reference.
 
-    k: kept inputs per row (None: no top-K); block: (N, M) or None; bits: None or 1.58."""
+    k: kept inputs per row (None: no top-K); block: (N, M) or None; bits: None or 1.58;
+    observe: None or called as observe(sparsify(A(X)) [..., D_in], D_in, D_out)."""
     d_out, d_in = w.shape
     packed = getattr(w, "packed", None)
     x2 = x.data.reshape(-1, d_in)  # [N, D_in]
     needs_grad = engine._grad_enabled and (x.requires_grad or w.requires_grad)  # no_grad()?
-    if packed is not None and packed.source is w.data and not needs_grad \
+    if packed is not None and packed.source is w.data and not needs_grad and observe is None \
             and x2.shape[0] <= PACKED_MAX_ROWS and block is None:
         y = np.stack([packed.gemv(row, k, rescale) for row in x2])
         return Tensor(y.reshape(*x.shape[:-1], d_out))
 
     mask, r, ya = _prepare(x2, k, block, rescale, bits)  # M, r, sparsify(A(X)) [N, D_in]
+    if observe is not None:
+        observe(ya.reshape(x.shape), d_in, d_out)
     if bits:
         t, s = _ternarize(w.data)
         wq = t / s  # Qw(W) = t / s_w, [D_out, D_in]
