@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_checkpoint
-from .data import CharTokenizer, get_batch, make_dataset
+from .data import get_batch, make_dataset
 from .model import GPT, GPTConfig, count_params
 from .scaling import ScalingFit, fit_scaling_law
 from .tensor import no_grad
 from .train import CKPT_NAME, TrainSettings, resolve_text, train
 
 RESULTS = "results.csv"
+SPARSITY_LOG = "act_sparsity.jsonl"  # per run: activation sparsity at every evaluation
 FIELDS = ("run", "variant", "d_model", "n_layers", "n_heads", "ffn_hidden", "context",
           "sparsity", "block", "bits", "ste", "ffn_act", "init_from", "iters", "batch", "lr",
           "seed", "N", "N_a", "S", "val_loss", "act_sparsity", "wall_s", "tokens_per_s", "stopped")
@@ -120,14 +121,25 @@ def activation_sparsity(model: GPT, batches) -> float:
     return 1.0 - active / sum(d_in * d_out for _, _, d_in, d_out in record)
 
 
-def _checkpoint_sparsity(ckpt_path, text, data_path, batches=2, batch=12, seed=0) -> float:
-    """activation_sparsity of a checkpoint on `batches` random validation batches."""
-    ckpt = load_checkpoint(ckpt_path)
-    text, _ = resolve_text(text, data_path, ckpt.data)
-    data = make_dataset(text, ckpt.config.context, CharTokenizer(ckpt.vocab))
+def _val_batches(text, data_path, context: int, n: int = 2, batch: int = 12, seed: int = 0):
+    """n fixed validation batches idx (batch, context) of the run's text, for measuring."""
+    text, _ = resolve_text(text, data_path, {})
+    data = make_dataset(text, context)
     rng = np.random.default_rng(seed)
-    idx = [get_batch(rng, data.val, batch, ckpt.config.context)[0] for _ in range(batches)]
-    return activation_sparsity(GPT.from_params(ckpt.config, ckpt.params), idx)
+    return [get_batch(rng, data.val, batch, context)[0] for _ in range(n)]
+
+
+def read_sparsity_log(run_dir) -> list[tuple[int, float]]:
+    """(step, activation sparsity) pairs of RUN_DIR/act_sparsity.jsonl, one per evaluated step
+    (a step evaluated again after a resume keeps its last value); [] if there is none."""
+    path = Path(run_dir) / SPARSITY_LOG
+    if not path.exists():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        by_step[entry["step"]] = entry["act_sparsity"]
+    return sorted(by_step.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +188,19 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
     init_from = None
     if run.init_from is not None and not resume:
         init_from = out_dir / "runs" / run.init_from / CKPT_NAME
+    context = GPTConfig.from_dict({"vocab_size": 1, **run.config}).context
+    batches = _val_batches(text, data_path, context)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log_sparsity(step, model):  # activation sparsity over training (paper Figs 8-9)
+        entry = {"step": step, "act_sparsity": activation_sparsity(model, batches)}
+        with (run_dir / SPARSITY_LOG).open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     t0 = time.perf_counter()
     result = train(run.config, run.settings, text=text, data_path=data_path,
-                   out_dir=run_dir, resume=resume, init_from=init_from, progress=progress)
+                   out_dir=run_dir, resume=resume, init_from=init_from, progress=progress,
+                   callback=log_sparsity)
     wall = time.perf_counter() - t0
     if result.stopped is not None and result.stopped.startswith("interrupted"):
         raise KeyboardInterrupt(result.stopped)
@@ -187,9 +209,8 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
         val = result.val_loss[-1][1]
     counts = count_params(result.config)
     c = result.config
-    act = math.nan
-    if result.stopped is None:
-        act = _checkpoint_sparsity(run_dir / CKPT_NAME, text, data_path)
+    measured = read_sparsity_log(run_dir)
+    act = measured[-1][1] if result.stopped is None and measured else math.nan
     return {
         "run": run.name, "variant": run.variant, "d_model": c.d_model, "n_layers": c.n_layers,
         "n_heads": c.n_heads, "ffn_hidden": c.ffn_hidden, "context": c.context,
@@ -418,13 +439,15 @@ def run_ablation(kind: str, out_dir, *, text=None, data_path=None, plot=True, pr
 
 def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:
     """PNG OUT/KIND.png: training loss (moving average of up to 25 steps) and validation loss of
-    every arm over its steps; a continued run is drawn after the run it started from."""
+    every arm over its steps (left), measured activation sparsity at every evaluation (right,
+    paper Figs 8-9); a continued run is drawn after the run it started from."""
     plt = _pyplot()
     out_dir = Path(out_dir)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax_sparsity) = plt.subplots(1, 2, figsize=(12, 4.5))
     offset = {}
     for i, run in enumerate(runs):
-        history = load_checkpoint(out_dir / "runs" / run.name / CKPT_NAME).history
+        run_dir = out_dir / "runs" / run.name
+        history = load_checkpoint(run_dir / CKPT_NAME).history
         start = offset.get(run.init_from, 0)
         offset[run.name] = start + len(history["train_loss"])
         loss = np.asarray(history["train_loss"])
@@ -435,8 +458,15 @@ def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:
         if history["val_loss"]:
             vs, vl = np.array(history["val_loss"]).T
             ax.plot(start + vs, vl, "o--", color=f"C{i}", ms=3, alpha=0.7)
+        measured = read_sparsity_log(run_dir)
+        if measured:
+            ms, sparsity = np.array(measured).T
+            ax_sparsity.plot(start + ms, sparsity, "o-", color=f"C{i}", ms=3, label=run.variant)
     ax.set(xlabel="step", ylabel="loss (dots: validation)", title=f"ablation: {kind}")
     ax.legend(fontsize=8)
+    ax_sparsity.set(xlabel="step", ylabel="activation sparsity", ylim=(0, 1),
+                    title="measured activation sparsity (inputs of the projections)")
+    ax_sparsity.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / f"{kind}.png", dpi=110)
     plt.close(fig)

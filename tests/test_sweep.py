@@ -70,6 +70,17 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path):
     assert history[:2] == partial.train_loss
 
 
+def test_activation_sparsity_is_logged_at_every_evaluation(tmp_path):
+    grid = sweep.Grid(sizes=((16, 1),), sparsities=(0.5,), **{**TINY, "iters": 4})
+    run = grid.runs()[0]
+    run = sweep.Run(run.variant, run.config, {**run.settings, "eval_interval": 2})
+    row = sweep.run_one(run, tmp_path, text=TEXT)
+    measured = sweep.read_sparsity_log(tmp_path / "runs" / run.name)
+    assert [step for step, _ in measured] == [2, 4]  # periodic evaluations; the last is final
+    assert all(0.5 <= s <= 1 for _, s in measured)  # at least the top-K zeros
+    assert row["act_sparsity"] == measured[-1][1]
+
+
 def test_plot_sweep_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     law = ScalingLaw(E=1.5, B=0.5, C=1.0, alpha=0.3, beta=0.1)
