@@ -13,8 +13,9 @@ Per operation (SPEC 1-5), forward and backward:
 
 ``TOLERANCES`` / ``tolerance`` / ``compare`` say how close another implementation must come.
 ``write_vectors`` writes golden vectors; ``harness.check`` / ``harness.assert_conforms`` test an
-outside implementation on hypothesis-generated cases (they need hypothesis, a dev dependency, so
-they are imported on first use). Non-finite inputs raise ValueError.
+outside implementation on hypothesis-generated cases (imported on first use: loading
+hypothesis takes a moment the other functions should not pay). Non-finite inputs raise
+ValueError.
 """
 
 from ..quant import absmax_quantize, absmean_ternarize, dequantize
@@ -41,7 +42,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name in ("check", "assert_conforms", "Report"):  # harness needs hypothesis: import lazily
+    if name in ("check", "assert_conforms", "Report"):  # loads hypothesis: import lazily
         from . import harness
 
         return getattr(harness, name)

@@ -1,4 +1,4 @@
-"""Conformance harness: check an outside implementation against the reference (needs hypothesis).
+"""Conformance harness: check an outside implementation against the reference.
 
 ``check(op, fn)`` runs hypothesis-generated cases -- ties at the K-th magnitude, all-equal rows,
 K = 1 and K = D, x * s exactly on .5, tiny and huge magnitudes, odd shapes, float32 and
@@ -33,15 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-try:
-    from hypothesis import HealthCheck, Verbosity, example, given, settings
-    from hypothesis import seed as hypothesis_seed
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-except ImportError as e:  # hypothesis is a dev dependency, not a core one
-    raise ImportError("minisparse.oracle.harness needs hypothesis: pip install hypothesis "
-                      "(or minisparse[dev])") from e
+from hypothesis import HealthCheck, Verbosity, example, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from ..quant import absmax_quantize, absmean_ternarize
 from ..sparsity import topk_backward, topk_forward
