@@ -153,3 +153,14 @@ def test_api_surface():
     assert oracle.check is harness.check and oracle.assert_conforms is harness.assert_conforms
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         oracle.nope  # noqa: B018
+
+
+def test_shipped_spec_is_the_team_contract():
+    """The package ships SPEC.md for kernel authors; it must not drift from the contract."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "minisparse" / "oracle" / "SPEC.md"
+    contract = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
+    if not contract.exists():
+        pytest.skip("no shared/SPEC.md beside this checkout")
+    assert shipped.read_text() == contract.read_text()
