@@ -11,9 +11,11 @@ vectorises over bytes. The product is integer-exact:
 
 The int8 codes q are widened to int16 lanes; partial sums stay in int16 for up to 128 rows
 (q c in [-256, 254], so 128 of them stay in [-32768, 32512]) and are then flushed to int32:
-an AVX2 register holds twice as many int16 lanes as int32 ones. The loop does enough arithmetic
-per byte that the hardware prefetcher falls behind on cold weights, so each pair of rows is
-touched (one load per cache line) while the previous pair is computed.
+an AVX2 register holds twice as many int16 lanes as int32 ones. The kernel reads each code row as
+uint16 words (two bytes, eight codes), so a code decodes with one shift and one mask in an int16
+lane, without widening bytes first; the eight word-planes are put back in output order at the end.
+The loop does enough arithmetic per byte that the hardware prefetcher falls behind on cold
+weights, so the next pair of rows is prefetched while the current pair is computed.
 """
 
 from __future__ import annotations
@@ -21,13 +23,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import config, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..quant import absmean_ternarize
 from .topk import PARALLEL_MIN_SIZE
 
 PARALLEL_MIN_CODES = 1 << 24  # K * D_out below this: one thread (see sparse_matmul.py)
 _INT16_ROWS = 128  # rows summed in int16 before a flush to int32
+
+
+def _prefetch_codegen(context, builder, sig, args):
+    # llvm.prefetch(ptr, rw=0 read, locality=3 keep in all levels, cache=1 data): one
+    # prefetcht0 on x86, which retires at once, where a plain load of a missing line would stall.
+    from llvmlite import ir
+
+    aryty = sig.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    return context.get_dummy_value()
+
+
+if config.DISABLE_JIT:
+    def prefetch(a, i):
+        """No-op in interpreted mode."""
+else:
+    @intrinsic
+    def prefetch(typingctx, a, i):
+        """Hint the cache line holding a[i] (1-D array) into cache; never changes a result."""
+        return types.void(a, i), _prefetch_codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(row):
+    """Prefetch every 64-byte line of a 1-D row."""
+    step = max(1, 64 // row.itemsize)
+    for j in range(0, row.shape[0], step):
+        prefetch(row, j)
 
 
 @dataclass(frozen=True)
@@ -60,82 +97,65 @@ def unpack_ternary(p: PackedTernary) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
-def _add_rows(a0, a1, a2, a3, r0, x0, r1, x1):
-    """int16 planes a_s[b] += x0 * c_s(r0[b]) + x1 * c_s(r1[b]); c_s = (byte >> 2s) & 3."""
-    for b in range(r0.shape[0]):
-        v0, v1 = r0[b], r1[b]
-        a0[b] += x0 * (v0 & 3)
-        a0[b] += x1 * (v1 & 3)
-        a1[b] += x0 * ((v0 >> 2) & 3)
-        a1[b] += x1 * ((v1 >> 2) & 3)
-        a2[b] += x0 * ((v0 >> 4) & 3)
-        a2[b] += x1 * ((v1 >> 4) & 3)
-        a3[b] += x0 * ((v0 >> 6) & 3)
-        a3[b] += x1 * ((v1 >> 6) & 3)
+def _add_rows(acc, r0, x0, r1, x1):
+    """int16 acc[2s + h, w] += x0 c(r0[w], 2s + 8h) + x1 c(r1[w], 2s + 8h); c(v, j) = (v >> j) & 3.
+
+    r0, r1 are code rows read as uint16 words: word w holds bytes 2w (low) and 2w + 1 (high), so
+    row 2s + h of acc sums outputs sQ + 2w + h. Decoding a word needs one shift and one mask per
+    code and no widening of bytes to int16 lanes."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]
+    for w in range(r0.shape[0]):
+        v0, v1 = r0[w], r1[w]
+        a0[w] += x0 * (v0 & 3) + x1 * (v1 & 3)
+        a1[w] += x0 * ((v0 >> 8) & 3) + x1 * ((v1 >> 8) & 3)
+        a2[w] += x0 * ((v0 >> 2) & 3) + x1 * ((v1 >> 2) & 3)
+        a3[w] += x0 * ((v0 >> 10) & 3) + x1 * ((v1 >> 10) & 3)
+        a4[w] += x0 * ((v0 >> 4) & 3) + x1 * ((v1 >> 4) & 3)
+        a5[w] += x0 * ((v0 >> 12) & 3) + x1 * ((v1 >> 12) & 3)
+        a6[w] += x0 * ((v0 >> 6) & 3) + x1 * ((v1 >> 6) & 3)
+        a7[w] += x0 * ((v0 >> 14) & 3) + x1 * ((v1 >> 14) & 3)
 
 
 @njit(cache=True, inline="always")
-def _touch(row):
-    """One load per 64-byte line of row: a software prefetch (numba has no prefetch intrinsic).
-    The misses overlap with the arithmetic on the current rows instead of stalling it."""
-    seen = np.uint8(0)
-    for j in range(0, row.shape[0], 64):
-        seen |= row[j]
-    return seen
-
-
-@njit(cache=True, inline="always")
-def _code_sums(x16, idx, codes, out):
-    """out[s, :] += Σ_{i in idx} x16[i] * c_s(codes[i, :]) for the four planes s.
-
-    Returns the OR of the prefetched bytes, which the callers pass on so the loads are kept."""
-    n = codes.shape[1]
-    a0, a1, a2, a3 = np.empty(n, np.int16), np.empty(n, np.int16), np.empty(n, np.int16), \
-        np.empty(n, np.int16)
-    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
+def _code_sums(x16, idx, words, out):
+    """out[2s + h, w] += Σ_{i in idx} x16[i] * c_i for output sQ + 2w + h (see _add_rows)."""
+    acc = np.empty((8, words.shape[1]), np.int16)
     k = idx.shape[0]
-    seen = np.uint8(0)
     for g in range(0, k, _INT16_ROWS):
-        a0[:] = 0
-        a1[:] = 0
-        a2[:] = 0
-        a3[:] = 0
+        acc[:] = 0
         end = min(k, g + _INT16_ROWS)
         for p in range(g, end - 1, 2):  # pairs of rows; no branch inside (it halves the speed)
             if p + 3 < k:  # the next pair, while this one is computed
-                seen |= _touch(codes[idx[p + 2]]) | _touch(codes[idx[p + 3]])
+                _prefetch_row(words[idx[p + 2]])
+                _prefetch_row(words[idx[p + 3]])
             i0, i1 = idx[p], idx[p + 1]
-            _add_rows(a0, a1, a2, a3, codes[i0], x16[i0], codes[i1], x16[i1])
+            _add_rows(acc, words[i0], x16[i0], words[i1], x16[i1])
         if (end - g) % 2:  # an odd last row, paired with a zero
             i0 = idx[end - 1]
-            _add_rows(a0, a1, a2, a3, codes[i0], x16[i0], codes[i0], np.int16(0))
-        for b in range(n):
-            o0[b] += a0[b]
-            o1[b] += a1[b]
-            o2[b] += a2[b]
-            o3[b] += a3[b]
-    return seen
+            _add_rows(acc, words[i0], x16[i0], words[i0], np.int16(0))
+        for j in range(8):
+            for w in range(words.shape[1]):
+                out[j, w] += acc[j, w]
 
 
 @njit(cache=True)
-def _ternary_serial(x16, idx, codes):
-    out = np.zeros((4, codes.shape[1]), np.int32)
-    seen = _code_sums(x16, idx, codes, out)
-    return out, seen
+def _ternary_serial(x16, idx, words):
+    out = np.zeros((8, words.shape[1]), np.int32)
+    _code_sums(x16, idx, words, out)
+    return out
 
 
 @njit(parallel=True, cache=True)
-def _ternary_parallel(x16, idx, codes, parts):
+def _ternary_parallel(x16, idx, words, parts):
     # Split the kept rows between threads (each streams whole rows, in order, into its own
     # int32 sums), then add the partial sums: as in sparse_matmul._gemv_parallel.
     k = idx.shape[0]
-    out = np.zeros((parts, 4, codes.shape[1]), np.int32)
-    seen = np.zeros(parts, np.uint8)
+    out = np.zeros((parts, 8, words.shape[1]), np.int32)
     for t in prange(parts):
-        seen[t] = _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], codes, out[t])
+        _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], words, out[t])
     for t in range(1, parts):
         out[0] += out[t]
-    return out[0], seen
+    return out[0]
 
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
@@ -143,11 +163,14 @@ def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.nd
     # Codes widened to int16 before the kernel: told that x fits in 8 bits, LLVM picks a
     # vectorisation of the inner loop that runs at half the speed.
     x16 = xq.astype(np.int16)
+    words = np.ascontiguousarray(p.codes).view(np.uint16)  # [D_in, Q / 2], little-endian pairs
     if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
-        out, _ = _ternary_serial(x16, idx, p.codes)
+        out = _ternary_serial(x16, idx, words)
     else:
-        out, _ = _ternary_parallel(x16, idx, p.codes, 2)
-    return out.reshape(-1)[: p.shape[0]] - np.int32(x16[idx].sum(dtype=np.int32))
+        out = _ternary_parallel(x16, idx, words, 2)
+    # out[2s + h, w] is output sQ + 2w + h: [4, 2, Q/2] -> [4, Q/2, 2] -> flat
+    out = out.reshape(4, 2, -1).transpose(0, 2, 1).reshape(-1)
+    return out[: p.shape[0]] - np.int32(x16[idx].sum(dtype=np.int32))
 
 
 @njit(cache=True, inline="always")
