@@ -56,12 +56,23 @@ def _gemv_serial(x, idx, wt):
 @njit(parallel=True, cache=True, fastmath=FMA)
 def _gemv_parallel(x, idx, wt, parts):
     # Split the kept rows (not the outputs) between threads: each streams whole contiguous rows
-    # into its own accumulator, and the partial sums are added at the end.
-    k = idx.shape[0]
-    acc = np.zeros((parts, wt.shape[1]), wt.dtype)
+    # into its own accumulator, and the partial sums are added at the end. One parallel region
+    # only: np.zeros or an array expression here would each become a parfor of its own, and
+    # every region pays a thread wake-up (tens of microseconds on a sleeping pool).
+    k, n = idx.shape[0], wt.shape[1]
+    acc = np.empty((parts, n), wt.dtype)
     for t in prange(parts):
-        _axpy_rows(x, idx, t * k // parts, (t + 1) * k // parts, wt, acc[t])
-    return acc.sum(axis=0)
+        a = acc[t]
+        for o in range(n):
+            a[o] = 0
+        _axpy_rows(x, idx, t * k // parts, (t + 1) * k // parts, wt, a)
+    y = np.empty(n, wt.dtype)
+    for o in range(n):
+        s = acc[0, o]
+        for t in range(1, parts):
+            s += acc[t, o]
+        y[o] = s
+    return y
 
 
 def sparse_gemv(x: np.ndarray, idx: np.ndarray, wt: np.ndarray) -> np.ndarray:
