@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import tensor as engine
+from ..quant import _absmean  # no finiteness check: training must reach its own loss check
+from ..sparsity import _rescale_factor
 from ..tensor import Tensor
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
@@ -48,7 +50,7 @@ def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", b
     if observe is not None:
         observe(ya.reshape(x.shape), d_in, d_out)
     if bits:
-        t, s = _ternarize(w.data)
+        t, s = _absmean("sparse_linear", w.data)  # the reference's SPEC 4 codes and scale
         wq = t / s  # Qw(W) = t / s_w, [D_out, D_in]
     else:
         wq = w.data
@@ -90,9 +92,8 @@ def _prepare(x2, k, block, rescale, bits):
     ya = a
     if k is not None or block is not None:
         mask, ya = topk_select(a, k, block)
-        if rescale == "l2":  # ||A|| / max(||A ⊙ M||, 1e-12), as the reference (SPEC 1)
-            norm = np.sqrt(np.sum(a * a, axis=-1, keepdims=True))
-            r = norm / np.maximum(np.sqrt(np.sum(ya * ya, axis=-1, keepdims=True)), 1e-12)
+        if rescale == "l2":  # the reference's r = ||A|| / max(||A ⊙ M||, 1e-12) (SPEC 1)
+            r = _rescale_factor("sparse_linear", a, mask, rescale)
             ya = ya * r
     _last.update(key=key, x=x2.copy(), out=(mask, r, ya))
     return mask, r, ya
@@ -100,12 +101,6 @@ def _prepare(x2, k, block, rescale, bits):
 
 def _density(k, block, d_in):
     return k / d_in if block is None else block[0] / block[1]
-
-
-def _ternarize(w):
-    """SPEC 4 codes and scale (no finiteness check: training must reach its own loss check)."""
-    s = 1 / np.maximum(np.abs(w).mean(), w.dtype.type(1e-5))
-    return np.clip(np.rint(w * s), -1, 1).astype(np.int8), s
 
 
 @dataclass(frozen=True)
