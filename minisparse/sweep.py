@@ -204,9 +204,7 @@ def run_one(run: Run, out_dir, *, text=None, data_path=None, progress=False) -> 
     wall = time.perf_counter() - t0
     if result.stopped is not None and result.stopped.startswith("interrupted"):
         raise KeyboardInterrupt(result.stopped)
-    val = result.final_val_loss
-    if val is None and result.stopped is None:  # finished earlier; its last eval is the final
-        val = result.val_loss[-1][1]
+    val = result.final_val_loss  # None only when the run stopped early
     counts = count_params(result.config)
     c = result.config
     measured = read_sparsity_log(run_dir)
