@@ -14,7 +14,6 @@ PyTorch runs at its faster intra-op thread count here (1 or its default).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -25,6 +24,12 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+
+from .data import bundled_text, get_batch, make_dataset
+from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
+from .model import GPT, GPTConfig, KVCache
+from .optim import AdamW
+from .sparsity import k_for
 
 GEMV_SHAPES = [(1024, 4096), (2048, 5632), (4096, 11008)]  # (d_in, d_out)
 GEMV_SPARSITY = [0.5, 0.75, 0.9]
@@ -37,15 +42,11 @@ TRAIN_BATCH = 12
 def add_parser(sub):
     """Register ``bench`` on an argparse subparsers object (used by cli.py)."""
     p = sub.add_parser("bench", help="time the Numba fast path against dense NumPy")
-    add_arguments(p)
-    p.set_defaults(handler=run)
-    return p
-
-
-def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per side")
+    p.set_defaults(handler=run)
+    return p
 
 
 def run(args) -> int:
@@ -113,30 +114,26 @@ def compare(name, shape, sparsity, baseline, ours, reps, warmup=2):
 
 def gemv_rows(quick, reps):
     """Sparse float GEMV (top-K of x, then the kept rows of Wt) vs dense NumPy x @ W.T."""
-    from .kernels import pack_sparse_weights, sparse_gemv, topk_indices
-
     rng = np.random.default_rng(0)
     for d_in, d_out in [(256, 512)] if quick else GEMV_SHAPES:
         w = rng.standard_normal((d_out, d_in), dtype=np.float32)
         wt = pack_sparse_weights(w)
         x = rng.standard_normal(d_in, dtype=np.float32)
         for s in [0.5] if quick else GEMV_SPARSITY:
-            k = max(1, int(np.ceil((1 - s) * d_in)))
+            k = k_for(d_in, sparsity=s)
             yield compare("sparse_gemv", f"{d_in}x{d_out}", s, lambda x=x, w=w: x @ w.T,
                           lambda x=x, k=k, wt=wt: sparse_gemv(x, topk_indices(x, k), wt), reps)
 
 
 def ternary_rows(quick, reps):
     """Packed ternary GEMV (int8 x, 2-bit W, int32 sums, SPEC 5 scaling) vs float32 dense."""
-    from .kernels import pack_linear
-
     rng = np.random.default_rng(1)
     for d_in, d_out in [(256, 512)] if quick else GEMV_SHAPES:
         w = rng.standard_normal((d_out, d_in), dtype=np.float32)
         packed = pack_linear(w, bits=1.58)
         x = rng.standard_normal(d_in, dtype=np.float32)
         for name, s in (("ternary_gemv", 0.0), ("sparse_ternary_gemv", 0.5)):
-            k = None if s == 0 else int(np.ceil((1 - s) * d_in))
+            k = None if s == 0 else k_for(d_in, sparsity=s)
             yield compare(name, f"{d_in}x{d_out}", s, lambda x=x, w=w: x @ w.T,
                           lambda x=x, k=k, p=packed: p.gemv(x, k, "none"), reps)
 
@@ -145,8 +142,6 @@ def ternary_rows(quick, reps):
 
 
 def _gpt(config, backend, seed=0):
-    from .model import GPT, GPTConfig
-
     return GPT(GPTConfig(vocab_size=65, **config), np.random.default_rng(seed), backend=backend)
 
 
@@ -154,13 +149,6 @@ def decode_rows(quick, reps):
     """Seconds per decoded token (KV cache, one position per step): the packed fast path of a
     sparse (and ternary) ~50M-parameter config vs the dense float32 model of the same size on
     the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
-    try:
-        from .model import KVCache
-    except ImportError:
-        print("# decode: skipped (minisparse.model not available)", file=sys.stderr)
-        return
-    from .kernels import pack_model
-
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
@@ -188,12 +176,6 @@ def decode_rows(quick, reps):
 def train_rows(quick, reps):
     """Seconds per training step (forward, backward, AdamW) on SPEC 9's config, sparsity 0.5:
     the Numba backend vs the NumPy reference backend, and vs PyTorch eager when installed."""
-    try:
-        from .data import bundled_text, get_batch, make_dataset
-        from .optim import AdamW
-    except ImportError:
-        print("# train: skipped (model/data/optim not available)", file=sys.stderr)
-        return
     base, batch = (dict(d_model=32, n_layers=1, n_heads=2, context=16), 2) if quick \
         else (TRAIN_CONFIG, TRAIN_BATCH)
     config = dict(base, sparsity=0.5)
@@ -259,11 +241,10 @@ def _torch_train_step(config, batch, data, rng):
         import torch
     except ImportError:
         return None
-    from .data import get_batch
 
     d, n_layers, n_heads, ctx = (config[k] for k in ("d_model", "n_layers", "n_heads", "context"))
     f = 16 * round(8 * d / 3 / 16)
-    k_in = {n: max(1, int(np.ceil(0.5 * n))) for n in (d, f)}
+    k_in = {n: k_for(n, sparsity=0.5) for n in (d, f)}
     g = torch.Generator().manual_seed(0)
 
     def param(*shape, std=0.02):
@@ -353,13 +334,3 @@ def cold_start_row():
     seconds = float(out.stdout.strip().splitlines()[-1])
     return {"name": "cold_first_call", "shape": "-", "sparsity": None, "baseline": 1.0,
             "ratio": 1.0 / seconds, "unit": "s"}
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="minisparse bench", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

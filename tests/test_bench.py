@@ -10,7 +10,7 @@ from minisparse import bench
 
 
 def test_quick_bench_emits_json_rows():
-    out = subprocess.run([sys.executable, "-m", "minisparse.bench", "--quick", "--json"],
+    out = subprocess.run([sys.executable, "-m", "minisparse", "bench", "--quick", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout.strip().splitlines()[-1])
