@@ -10,7 +10,7 @@ loaded and stored once per four weight rows (the loop is limited by memory traff
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 # Below this many weights read (K * D_out) a GEMV runs on one thread: waking a thread pool costs
 # more than it saves on a few MB of weights.
@@ -79,14 +79,15 @@ def sparse_gemv(x: np.ndarray, idx: np.ndarray, wt: np.ndarray) -> np.ndarray:
     """y [D_out] = Σ_{i in idx} x[i] Wt[i, :] = W (x ⊙ M); x [D_in], idx [K], Wt [D_in, D_out]."""
     if idx.shape[0] * wt.shape[1] < PARALLEL_MIN_WEIGHTS:
         return _gemv_serial(x, idx, wt)
-    return _gemv_parallel(x, idx, wt, 2)
+    return _gemv_parallel(x, idx, wt, get_num_threads())
 
 
 @njit(parallel=True, cache=True, fastmath=FMA)
 def _gemm_rows(x, mask, wt):
-    n, d_in = x.shape
-    y = np.zeros((n, wt.shape[1]), wt.dtype)
-    for r in prange(n):
+    n = x.shape[0]
+    y = np.empty((n, wt.shape[1]), wt.dtype)  # zeroed inside the loop: np.zeros here would be
+    for r in prange(n):                       # a parallel region (a thread wake-up) of its own
+        y[r, :] = 0
         idx = np.flatnonzero(mask[r])
         _axpy_rows(x[r], idx, 0, idx.shape[0], wt, y[r])
     return y
@@ -101,8 +102,9 @@ def sparse_gemm(x: np.ndarray, mask: np.ndarray, wt: np.ndarray) -> np.ndarray:
 def _weight_grad_t(xt, mask_t, gy):
     # Row i of dWt only gathers the tokens that kept input i: (1 - S) of the dense work.
     d_in = xt.shape[0]
-    gwt = np.zeros((d_in, gy.shape[1]), gy.dtype)
+    gwt = np.empty((d_in, gy.shape[1]), gy.dtype)
     for i in prange(d_in):
+        gwt[i, :] = 0
         rows = np.flatnonzero(mask_t[i])
         _axpy_rows(xt[i], rows, 0, rows.shape[0], gy, gwt[i])
     return gwt
