@@ -60,6 +60,21 @@ def test_topk_mask_equals_reference(threads, case):
     np.testing.assert_array_equal(kernels.topk_mask(x, k), topk_mask(x, k))
 
 
+@given(st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]),
+       st.integers(1, 200), st.data())
+def test_topk_mask_on_magnitudes_that_share_a_radix_bucket(seed, dtype, d, data):
+    # |x| bit patterns a few units apart around one bucket edge of the kernel's first pass: the
+    # K-th largest is then decided by the binary search among many bucket members.
+    rng = np.random.default_rng(seed)
+    ints = np.int32 if dtype == np.float32 else np.int64
+    nbits = 31 if dtype == np.float32 else 63
+    edge = ints(rng.integers(1, 2**topk.RADIX_BITS - 1)) << ints(nbits - topk.RADIX_BITS)
+    bits = edge + rng.integers(-8, 8, d).astype(ints)
+    x = bits.view(dtype) * np.where(rng.random(d) < 0.5, -1, 1).astype(dtype)
+    k = data.draw(st.integers(1, d))
+    np.testing.assert_array_equal(kernels.topk_mask(x[None], k), topk_mask(x[None], k))
+
+
 @same_threads
 @given(rows_and_block())
 def test_block_topk_mask_equals_reference(threads, case):

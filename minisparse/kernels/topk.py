@@ -1,8 +1,10 @@
 """Exact top-K masks (SPEC sections 1-2) compiled with Numba, parallel over rows.
 
 Per row, the K-th largest |x| is found without sorting: for floats >= 0 the IEEE bit pattern,
-read as an integer, orders like the value, so a bitwise binary search on |x|'s bits (31 passes
-for float32, 63 for float64, each a vectorised count of #{|x| >= t}) gives the largest t with
+read as an integer, orders like the value. One pass counts the |x| bit patterns by their top 11
+bits (sign dropped: the exponent and the first mantissa bits) and walks the counts down to the
+bucket holding the K-th largest; a bitwise binary search over the remaining bits, run on that
+bucket's members only (each step a vectorised count of #{|x| >= t}), gives the largest t with
 at least K entries >= t -- the K-th largest magnitude. Everything above t is kept, then the
 first (lowest-index) entries equal to t until K are kept: exactly the order of
 ``np.argsort(-abs(x), kind="stable")``, the SPEC tie rule (-0.0 and 0.0 tie, as in np.abs).
@@ -19,27 +21,60 @@ from numba import njit, prange
 PARALLEL_MIN_SIZE = 1 << 16
 
 
+RADIX_BITS = 11  # the first pass sorts |x| into 2^11 buckets by its top bits
+
+
+@njit(cache=True, inline="always")
+def _kth_largest(xb, low, nbits, k):
+    """The k-th largest of a_j = xb[j] & low (|x|'s bits, nbits of them) over one row."""
+    d, shift = xb.shape[0], nbits - RADIX_BITS
+    counts = np.zeros(1 << RADIX_BITS, np.int32)
+    top = 0
+    for j in range(d):
+        b = (xb[j] & low) >> shift
+        counts[b] += 1
+        top = max(top, b)
+    above = 0  # entries in buckets above b
+    b = top
+    while above + counts[b] < k:
+        above += counts[b]
+        b -= 1
+    bucket = np.empty(counts[b], xb.dtype)  # the members of bucket b
+    m = 0
+    for j in range(d):
+        a = xb[j] & low
+        if a >> shift == b:
+            bucket[m] = a
+            m += 1
+    t = b << shift
+    for bit in range(shift - 1, -1, -1):  # the largest t with #{bucket >= t} >= k - above
+        cand = t | (1 << bit)
+        c = 0
+        for j in range(m):
+            c += bucket[j] >= cand
+        if c >= k - above:
+            t = cand
+    return t
+
+
 @njit(cache=True, inline="always")
 def _row_topk(x, xb, nbits, k, keep, y):
     """keep[:] = top-k mask of |x| for one row, y[:] = x ⊙ keep; xb = x's bits as signed ints."""
     d = x.shape[0]
     low = (1 << nbits) - 1  # clears the sign bit: |x|'s bits
-    t = 0
-    for b in range(nbits - 1, -1, -1):  # the largest t with #{|x| >= t} >= k
-        cand = t | (1 << b)
-        c = 0
-        for j in range(d):
-            c += (xb[j] & low) >= cand
-        if c >= k:
-            t = cand
+    t = _kth_largest(xb, low, nbits, k)
     above = 0
     for j in range(d):
-        above += (xb[j] & low) > t
+        keep[j] = (xb[j] & low) > t
+        above += keep[j]
     ties = k - above  # entries equal to the k-th largest that still get in, lowest index first
+    j = 0
+    while ties > 0:
+        if (xb[j] & low) == t:
+            keep[j] = True
+            ties -= 1
+        j += 1
     for j in range(d):
-        a = xb[j] & low
-        keep[j] = a > t or (a == t and ties > 0)
-        ties -= a == t
         y[j] = x[j] if keep[j] else 0
 
 
