@@ -260,7 +260,7 @@ def test_inner_loops_use_avx2():
     asm = _fresh_asm(sparse_matmul._gemv_serial, x, idx, np.ones((8, 64), np.float32))
     assert re.search(r"vfmadd\w+ps\s[^\n]*%ymm", asm), "sparse GEMV: no AVX2 FMA"
     asm = _fresh_asm(ternary._ternary_serial, np.ones(8, np.int16), idx,
-                     np.ones((8, 32), np.uint16))  # code rows read as uint16 words
+                     np.ones((8, 32), np.uint16), 128)  # code rows as uint16 words; D_out
     assert re.search(r"vpmullw\s[^\n]*%ymm", asm), "ternary GEMV: no 16-bit AVX2 multiply"
 
 

@@ -152,36 +152,48 @@ def _code_sums(x16, idx, words, acc, out):
                 out[j, w] += acc[j, w]
 
 
+@njit(cache=True, inline="always")
+def _in_output_order(sums, x16, idx, d_out):
+    """int32 y [d_out]: y[sQ + 2w + h] = Σ_t sums[t, 2s + h, w] - Σ_{i in idx} x16[i], i.e.
+    the partial code sums of every thread added, put in output order, and t = c - 1 applied."""
+    n = sums.shape[2]
+    q_sum = 0
+    for i in idx:
+        q_sum += x16[i]
+    y = np.empty(d_out, np.int32)
+    for j in range(8):
+        base = (j // 2) * 2 * n + j % 2  # output of word 0 in plane row j: sQ + h, Q = 2n
+        for w in range(min(n, (d_out - base + 1) // 2)):
+            total = sums[0, j, w]
+            for t in range(1, sums.shape[0]):
+                total += sums[t, j, w]
+            y[base + 2 * w] = total - q_sum
+    return y
+
+
 @njit(cache=True)
-def _ternary_serial(x16, idx, words):
+def _ternary_serial(x16, idx, words, d_out):
     shape = (8, words.shape[1])
-    out = np.zeros(shape, np.int32)
-    _code_sums(x16, idx, words, np.empty(shape, np.int16), out)
-    return out
+    sums = np.zeros((1, *shape), np.int32)
+    _code_sums(x16, idx, words, np.empty(shape, np.int16), sums[0])
+    return _in_output_order(sums, x16, idx, d_out)
 
 
 @njit(parallel=True, cache=True)
-def _ternary_parallel(x16, idx, words, parts):
+def _ternary_parallel(x16, idx, words, d_out, parts):
     # Split the kept rows between threads (each streams whole rows, in order, into its own
     # int32 sums), then add the partial sums: as in sparse_matmul._gemv_parallel, one parallel
     # region only, so the zeroing and the final sum are loops, not array expressions.
     k, n = idx.shape[0], words.shape[1]
-    out = np.empty((parts, 8, n), np.int32)
+    sums = np.empty((parts, 8, n), np.int32)
     for t in prange(parts):
-        o = out[t]
+        o = sums[t]
         for j in range(8):
             for w in range(n):
                 o[j, w] = 0
         _code_sums(x16, idx[t * k // parts:(t + 1) * k // parts], words,
                    np.empty((8, n), np.int16), o)
-    total = np.empty((8, n), np.int32)
-    for j in range(8):
-        for w in range(n):
-            s = out[0, j, w]
-            for t in range(1, parts):
-                s += out[t, j, w]
-            total[j, w] = s
-    return total
+    return _in_output_order(sums, x16, idx, d_out)
 
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
@@ -191,12 +203,8 @@ def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.nd
     x16 = xq.astype(np.int16)
     words = np.ascontiguousarray(p.codes).view(np.uint16)  # [D_in, Q / 2], little-endian pairs
     if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
-        out = _ternary_serial(x16, idx, words)
-    else:
-        out = _ternary_parallel(x16, idx, words, get_num_threads())
-    # out[2s + h, w] is output sQ + 2w + h: [4, 2, Q/2] -> [4, Q/2, 2] -> flat
-    out = out.reshape(4, 2, -1).transpose(0, 2, 1).reshape(-1)
-    return out[: p.shape[0]] - np.int32(x16[idx].sum(dtype=np.int32))
+        return _ternary_serial(x16, idx, words, p.shape[0])
+    return _ternary_parallel(x16, idx, words, p.shape[0], get_num_threads())
 
 
 @njit(cache=True, inline="always")
