@@ -23,7 +23,9 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numba
 import numpy as np
+from numba import njit, prange
 
 from .data import bundled_text, get_batch, make_dataset
 from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
@@ -75,13 +77,32 @@ def _all_rows(quick, reps):
 
 
 def _print_header():
-    import numba
-
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     print(f"# numpy {np.__version__}, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS}"
           f" threads), {os.cpu_count()} cpus; env {env}")
+    print(f"# one parallel region that does nothing takes {_region_seconds() * 1e6:.0f} µs here "
+          "(median): the fixed cost of every threaded kernel call")
     print(f"# {'name':<22} {'shape':<12} {'S':>5} {'baseline':>11} {'ours':>11} {'ratio':>7}")
+
+
+@njit(parallel=True, cache=True)
+def _empty_region(out):
+    for t in prange(out.shape[0]):
+        out[t] = t
+
+
+def _region_seconds(reps=101):
+    """Median seconds of one Numba parallel region with no work: waking the idle threads and
+    joining them again, as each threaded GEMV call does."""
+    out = np.empty(numba.get_num_threads())
+    _empty_region(out)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        _empty_region(out)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _format(row):
