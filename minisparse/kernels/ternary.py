@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 from ..quant import absmean_ternarize
 from .topk import PARALLEL_MIN_SIZE
 
-PARALLEL_MIN_CODES = 1 << 24  # K * D_out below this: one thread (see sparse_matmul.py)
+PARALLEL_MIN_CODES = 1 << 23  # K * D_out below this: one thread (see sparse_matmul.py)
 _INT16_ROWS = 128  # rows summed in int16 before a flush to int32
 
 
