@@ -8,6 +8,8 @@ bucket's members only (each step a vectorised count of #{|x| >= t}), gives the l
 at least K entries >= t -- the K-th largest magnitude. Everything above t is kept, then the
 first (lowest-index) entries equal to t until K are kept: exactly the order of
 ``np.argsort(-abs(x), kind="stable")``, the SPEC tie rule (-0.0 and 0.0 tie, as in np.abs).
+Rows of up to 16 entries (N:M blocks, typically) skip all that: each entry is kept if fewer
+than K entries come before it in that order, counted directly with D^2 comparisons.
 N:M blocks are the same kernel on rows of length M (a [..., D] array viewed as [..., D/M, M]).
 Like the training path of the reference, these kernels do not check for NaN/inf.
 """
@@ -22,6 +24,7 @@ PARALLEL_MIN_SIZE = 1 << 16
 
 
 RADIX_BITS = 11  # the first pass sorts |x| into 2^11 buckets by its top bits
+SMALL_ROW = 16  # rows up to this long (N:M blocks): every entry's rank counted, D^2 compares
 
 
 @njit(cache=True, inline="always")
@@ -62,18 +65,26 @@ def _row_topk(x, xb, nbits, k, keep, y):
     """keep[:] = top-k mask of |x| for one row, y[:] = x ⊙ keep; xb = x's bits as signed ints."""
     d = x.shape[0]
     low = (1 << nbits) - 1  # clears the sign bit: |x|'s bits
-    t = _kth_largest(xb, low, nbits, k)
-    above = 0
-    for j in range(d):
-        keep[j] = (xb[j] & low) > t
-        above += keep[j]
-    ties = k - above  # entries equal to the k-th largest that still get in, lowest index first
-    j = 0
-    while ties > 0:
-        if (xb[j] & low) == t:
-            keep[j] = True
-            ties -= 1
-        j += 1
+    if d <= SMALL_ROW:  # keep j if fewer than k entries come before it in (-|x|, index) order
+        for j in range(d):
+            a, before = xb[j] & low, 0
+            for i in range(d):
+                b = xb[i] & low
+                before += b > a or (b == a and i < j)
+            keep[j] = before < k
+    else:
+        t = _kth_largest(xb, low, nbits, k)
+        above = 0
+        for j in range(d):
+            keep[j] = (xb[j] & low) > t
+            above += keep[j]
+        ties = k - above  # entries equal to the k-th largest that get in, lowest index first
+        j = 0
+        while ties > 0:
+            if (xb[j] & low) == t:
+                keep[j] = True
+                ties -= 1
+            j += 1
     for j in range(d):
         y[j] = x[j] if keep[j] else 0
 
