@@ -268,7 +268,7 @@ class Tensor:
         if not axes:
             axes = tuple(range(self.ndim))[::-1]
         elif len(axes) == 2:
-            i, j = (_axes("transpose", a, self.shape)[0] for a in axes)
+            i, j = (_axis("transpose", a, self.shape, axes) for a in axes)
             perm = list(range(self.ndim))
             perm[i], perm[j] = j, i
             axes = perm
@@ -276,7 +276,7 @@ class Tensor:
 
     def _permute(self, op, axes):
         perm = _permutation(op, axes, self.shape)
-        inverse = tuple(np.argsort(perm))
+        inverse = tuple(perm.index(i) for i in range(len(perm)))
         return Tensor.from_op(self.data.transpose(perm), (self,),
                               lambda g: (g.transpose(inverse),), op)
 
@@ -395,21 +395,24 @@ def _matmul(a, b):
 # ---- helpers for reductions, permutations and indexing ------------------------------------------
 def _axes(op, axis, shape):
     """Normalise ``axis`` (None, int or tuple of ints) to a sorted tuple of non-negative axes."""
-    ndim = len(shape)
     if axis is None:
-        return tuple(range(ndim))
+        return tuple(range(len(shape)))
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-    out = []
-    for ax in axes:
-        if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
-            raise TypeError(f"{op}: axis must be an int or tuple of ints, got {axis!r} "
-                            f"(shape {shape})")
-        if not -ndim <= ax < ndim:
-            raise ValueError(f"{op}: axis {ax} is out of range for shape {shape}")
-        out.append(int(ax) % ndim)
+    out = [_axis(op, ax, shape, axis) for ax in axes]
     if len(set(out)) != len(out):
         raise ValueError(f"{op}: repeated axis in {axis!r} (shape {shape})")
     return tuple(sorted(out))
+
+
+def _axis(op, ax, shape, given):
+    """One axis ``ax`` (part of the argument ``given``) as a non-negative int < len(shape)."""
+    ndim = len(shape)
+    if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+        raise TypeError(f"{op}: axis must be an int or tuple of ints, got {given!r} "
+                        f"(shape {shape})")
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"{op}: axis {ax} is out of range for shape {shape}")
+    return int(ax) % ndim
 
 
 def _unreduce(g, shape, axes, keepdims):
@@ -421,7 +424,7 @@ def _unreduce(g, shape, axes, keepdims):
 
 def _permutation(op, axes, shape):
     """``axes`` as non-negative ints, checked to be a permutation of all axes of ``shape``."""
-    perm = tuple(_axes(op, a, shape)[0] for a in axes)
+    perm = tuple(_axis(op, a, shape, axes) for a in axes)
     if sorted(perm) != list(range(len(shape))):
         raise ValueError(f"{op}: axes {axes} are not a permutation of the {len(shape)} axes of "
                          f"shape {shape}")
