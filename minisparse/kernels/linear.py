@@ -128,10 +128,12 @@ class PackedLinear:
 
 
 def _row_rescale(a, idx, rescale):
+    """SPEC 1's r for one token a [D_in] that keeps the inputs idx: the reference's formula."""
     if rescale == "none":
         return a.dtype.type(1)
-    kept = a[idx]
-    return np.sqrt(np.sum(a * a)) / np.maximum(np.sqrt(np.sum(kept * kept)), 1e-12)
+    mask = np.zeros(a.shape, np.bool_)
+    mask[idx] = True
+    return _rescale_factor("sparse_linear", a, mask, rescale)  # [1]
 
 
 def pack_linear(w: np.ndarray, bits=None) -> PackedLinear:
