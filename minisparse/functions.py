@@ -199,8 +199,14 @@ def rmsnorm(x, g, eps=1e-6):
         raise ValueError(f"rmsnorm: g {g.shape} must be the last axis of x {x.shape}")
     if x.dtype != g.dtype:
         raise TypeError(f"rmsnorm: dtype mismatch, x is {x.dtype} and g is {g.dtype}")
-    r = 1 / np.sqrt((x.data * x.data).mean(axis=-1, keepdims=True) + eps)
-    xhat = x.data * r
+    # Overflow-safe (SPEC section 1): rows whose largest |x| exceeds 1 are divided by it first,
+    # so mean(x^2) cannot overflow (1e38 in float32 would give r = 0 and all-zero logits).
+    # Rows with max |x| <= 1 divide by exactly 1: bit-identical to the plain formula.
+    m = np.maximum(np.abs(x.data).max(axis=-1, keepdims=True, initial=0), 1).astype(x.dtype)
+    s = x.data / m
+    inv = 1 / np.sqrt((s * s).mean(axis=-1, keepdims=True) + eps / m / m)
+    xhat = s * inv
+    r = inv / m  # = 1 / sqrt(mean(x^2) + eps), the factor of the backward
 
     def backward(dy):
         dxhat = dy * g.data

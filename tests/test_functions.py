@@ -193,3 +193,19 @@ def test_softmax_and_cross_entropy_match_torch():
     np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(F.softmax(logits, axis=1).data,
                                torch.softmax(torch.tensor(logits), dim=1).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float32, 1e38), (np.float64, 1e300)])
+def test_rmsnorm_does_not_overflow_on_huge_finite_rows(dtype, big):
+    """SPEC section 1 asks for overflow-safe norms: mean(x^2) of 1e38 float32 overflows, and the
+    plain formula then returns all zeros (the logits of a diverging run collapse silently)."""
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(8)
+    x = Tensor(np.stack([row * big, row]).astype(dtype), requires_grad=True)
+    g = Tensor(np.ones(8, dtype), requires_grad=True)
+    y = F.rmsnorm(x, g, 1e-6)
+    expected = row / np.sqrt(np.mean(row * row))
+    np.testing.assert_allclose(y.data[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(y.data[1], expected, rtol=1e-5)
+    y.backward(np.ones_like(y.data))
+    assert np.all(np.isfinite(x.grad)) and np.all(np.isfinite(g.grad))
