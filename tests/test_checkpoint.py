@@ -214,3 +214,153 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(saved, monkeypatch):
     monkeypatch.undo()
     save_checkpoint(path, make_checkpoint(seed=1))  # a later save replaces the file
     assert load_checkpoint(path).params["norm"].tolist() != ckpt.params["norm"].tolist()
+
+
+# --- hostile files: bounded loading, malformed meta, corrupt zip directories ---------------
+
+
+def _npy(shape, dtype="<f4", data=b"") -> bytes:
+    import io
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return f.getvalue() + data
+
+
+def _replace_member(path, name, payload, compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    members[name] = payload
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b, compress_type=compress if n == name else zipfile.ZIP_STORED)
+
+
+def _peak_bytes(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def _refusal(path):
+    """(the CheckpointError's message, peak traced bytes while loading ``path``)."""
+    messages = []
+
+    def load():
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        messages.append(str(e.value))
+
+    peak = _peak_bytes(load)
+    return messages[0], peak
+
+
+def test_header_declaring_huge_array_is_refused_before_reading(saved):
+    path, _ = saved
+    _replace_member(path, "param/tok_emb.npy", _npy((10**12,), data=b"\0" * 64))
+    message, peak = _refusal(path)
+    assert "tok_emb.npy' declares 4,000,000,000,000 bytes" in message
+    assert peak < 8 * 2**20
+
+
+def test_arrays_beyond_what_the_config_implies_are_refused(saved):
+    path, _ = saved
+    # 64 MB of zeros deflate to ~64 KB: physically possible, but far more than the config's
+    # parameters and moments (a few KB) -- refused before the data is decompressed
+    _replace_member(path, "optim/m.0.npy", _npy((2**24,), data=bytes(2**26)),
+                    compress=zipfile.ZIP_DEFLATED)
+    message, peak = _refusal(path)
+    assert "more than its config implies" in message
+    assert peak < 8 * 2**20
+
+
+def test_deflate_bomb_is_refused_with_bounded_memory(saved):
+    path, _ = saved
+    header = _npy(param_shapes(CONFIG)["norm"])  # declares 16 floats = 64 bytes
+    _replace_member(path, "param/norm.npy", header + bytes(2**26), compress=zipfile.ZIP_DEFLATED)
+    message, peak = _refusal(path)
+    assert "more data than its header declares" in message
+    assert peak < 8 * 2**20
+
+
+def test_loading_peaks_near_the_arrays_size(tmp_path):
+    config = GPTConfig(vocab_size=5, context=8, d_model=128, n_layers=2, n_heads=2)
+    rng = np.random.default_rng(0)
+    params = {n: rng.standard_normal(s).astype(np.float32)
+              for n, s in param_shapes(config).items()}
+    optimizer = {}
+    for i, a in enumerate(params.values()):
+        optimizer[f"m.{i}"], optimizer[f"v.{i}"], optimizer[f"step.{i}"] = a, a * a, 1
+    save_checkpoint(tmp_path / "c.npz", Checkpoint(config, params, "abcde", 1, optimizer))
+    arrays = 3 * sum(a.nbytes for a in params.values())
+    peak = _peak_bytes(lambda: load_checkpoint(tmp_path / "c.npz"))
+    assert peak < 2 * arrays + 50 * 2**20
+
+
+def test_zip_directory_corruption_is_one_clear_error(saved):
+    path, _ = saved
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        start = max(i.header_offset for i in z.infolist())  # the last member, then the directory
+    rng = np.random.default_rng(0)
+    for pos in rng.choice(np.arange(start, len(raw)), size=150, replace=False):
+        for flip in (0x01, 0x80, 0xFF):
+            bad = bytearray(raw)
+            bad[pos] ^= flip
+            path.write_bytes(bytes(bad))
+            try:
+                load_checkpoint(path)
+            except CheckpointError:
+                pass
+
+
+MALFORMED_META = [
+    lambda m: m.update(step="3"), lambda m: m.update(step=-1), lambda m: m.update(step=1.5),
+    lambda m: m.update(step=True), lambda m: m.update(vocab=5), lambda m: m.update(config=None),
+    lambda m: m.update(config=[1, 2]), lambda m: m["config"].update(d_model="x"),
+    lambda m: m["config"].update(context=None), lambda m: m.update(settings=[1]),
+    lambda m: m.update(data=[]), lambda m: m.update(data={"source": 5}),
+    lambda m: m.update(history=[]), lambda m: m.update(history={"train_loss": "x"}),
+    lambda m: m.update(history={"val_loss": [[1]]}), lambda m: m.update(rng_state={}),
+    lambda m: m.update(rng_state="x"), lambda m: m.update(rng_state={"bit_generator": "PCG64"}),
+    lambda m: m.update(rng_state={"bit_generator": "Generator", "state": {}}),
+    lambda m: m.update(optimizer=[]), lambda m: m.update(optimizer={"m.0": "x"}),
+    lambda m: m.update(optimizer={"m.0": {"__array__": ["x"]}}),
+    lambda m: m.update(optimizer={"m.0": {"__array__": "param/norm"}}),
+    lambda m: m.update(format_version="1"), lambda m: m.pop("config"),
+]
+
+
+@pytest.mark.parametrize("edit", MALFORMED_META)
+def test_malformed_meta_with_valid_checksum_is_a_checkpoint_error(saved, edit):
+    path, _ = saved
+    rewrite(path, lambda a: edit_meta(a, edit))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", "[" * 100_000, "null", "{\"format_version\": 1"])
+def test_meta_that_is_not_an_object_is_a_checkpoint_error(saved, meta):
+    path, _ = saved
+    rewrite(path, lambda a: a.update(meta=np.array(meta)))
+    with pytest.raises(CheckpointError, match="meta"):
+        load_checkpoint(path)
+
+
+def test_file_mode_follows_the_umask_and_stale_temps_are_removed(tmp_path):
+    import os
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "c.npz", make_checkpoint())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o640
+    stale = tmp_path / ".c.npz.12345.abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert ckpt_mod.remove_stale_temps(tmp_path / "c.npz") == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
