@@ -18,7 +18,16 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
 
-from minisparse.nn import Module, Parameter
-from minisparse.tensor import Tensor, no_grad
-
 __all__ = ["Module", "Parameter", "Tensor", "no_grad", "__version__"]
+
+_LAZY = {"Module": "nn", "Parameter": "nn", "Tensor": "tensor", "no_grad": "tensor"}
+
+
+def __getattr__(name):
+    """``minisparse.Tensor`` etc., imported on first use: ``import minisparse`` stays cheap,
+    so the command line can catch a Ctrl-C during its (NumPy, Numba) imports."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minisparse' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"minisparse.{_LAZY[name]}"), name)

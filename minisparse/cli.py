@@ -2,18 +2,25 @@
 
 Each subcommand is a parser function ``_x_parser(sub)`` plus a handler ``_x(args) -> int``.
 Bad input (a bad flag value, a missing or corrupt file) exits non-zero with one line on
-stderr, ``minisparse: error: ...``, and no traceback.
+stderr, ``minisparse: error: ...``, and no traceback: exit 2 for usage errors, 1 for
+everything else (a last-resort handler turns any unexpected exception into that one line),
+130 for Ctrl-C; ``train`` stopped by a signal saves and exits 128 + the signal's number
+(130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 import argparse
+import dataclasses
 import json
+import os
+import signal
 import sys
 
 import numpy as np
 
+from . import __version__
 from .checkpoint import load_checkpoint
 from .data import CharTokenizer, make_dataset
-from .generate import generate
+from .generate import sample_tokens
 from .kernels import default_backend, pack_model
 from .linear import BACKENDS
 from .model import GPT, GPTConfig, count_params
@@ -35,26 +42,42 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     """Run one ``minisparse`` command; returns the process exit code."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         return args.handler(args)
-    except SystemExit as e:  # --help / --version
+    except SystemExit as e:  # --help / --version, or a user module's sys.exit (check)
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
         _error(str(e))
         return 2
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `minisparse sample ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+    except MemoryError:
+        _error("out of memory (a smaller --batch or model may fit)")
+        return 1
     except (ValueError, OSError) as e:  # DataError, CheckpointError, config errors, I/O
-        _error(str(e))
+        _error(str(e) or type(e).__name__)
+        return 1
+    except Exception as e:  # noqa: BLE001 -- the last resort: one line, never a traceback
+        _error(f"{type(e).__name__}: {e}")
         return 1
 
 
 def _error(message: str) -> None:
-    print(f"minisparse: error: {' '.join(message.split())}", file=sys.stderr)
+    try:
+        print(f"minisparse: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    except OSError:  # stderr itself is gone (a closed terminal): nothing left to tell
+        pass
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="minisparse", description="Q-Sparse + BitNet b1.58 in NumPy.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     _train_parser(sub)
@@ -96,12 +119,22 @@ def _bits(text: str):
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds, counts)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
@@ -110,21 +143,33 @@ MODEL_FLAGS = ("context", "d_model", "n_layers", "n_heads", "ffn_hidden", "ffn_a
                "sparsity", "block", "rescale", "bits")
 
 
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+TRAIN_DEFAULTS = TrainSettings()
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (SPEC section 6; unset flags keep the default or the "
                              "checkpoint's value)", argument_default=argparse.SUPPRESS)
-    g.add_argument("--context", type=_positive_int, metavar="N", help="context length (64)")
-    g.add_argument("--d-model", type=_positive_int, metavar="N", help="model width (128)")
-    g.add_argument("--n-layers", type=_positive_int, metavar="N", help="transformer blocks (4)")
-    g.add_argument("--n-heads", type=_positive_int, metavar="N", help="attention heads (4)")
+    d = MODEL_DEFAULTS
+    g.add_argument("--context", type=_positive_int, metavar="N",
+                   help=f"context length ({d['context']})")
+    g.add_argument("--d-model", type=_positive_int, metavar="N",
+                   help=f"model width ({d['d_model']})")
+    g.add_argument("--n-layers", type=_positive_int, metavar="N",
+                   help=f"transformer blocks ({d['n_layers']})")
+    g.add_argument("--n-heads", type=_positive_int, metavar="N",
+                   help=f"attention heads ({d['n_heads']})")
     g.add_argument("--ffn-hidden", type=_positive_int, metavar="N",
                    help="FFN width (16*round(8d/3/16))")
-    g.add_argument("--ffn-act", choices=("relu2", "silu"), help="FFN gate activation (relu2)")
-    g.add_argument("--sparsity", type=float, metavar="S", help="top-K sparsity in [0, 1) (0)")
+    g.add_argument("--ffn-act", choices=("relu2", "silu"),
+                   help=f"FFN gate activation ({d['ffn_act']})")
+    g.add_argument("--sparsity", type=float, metavar="S",
+                   help=f"top-K sparsity in [0, 1) ({d['sparsity']:g})")
     g.add_argument("--block", type=_block, metavar="N:M", help="block top-K, e.g. 16:32")
-    g.add_argument("--rescale", choices=("none", "l2"), help="re-scale after top-K (none)")
+    g.add_argument("--rescale", choices=("none", "l2"),
+                   help=f"re-scale after top-K ({d['rescale']})")
     g.add_argument("--bits", type=_bits, metavar="1.58|none",
-                   help="1.58: ternary weights + int8 activations (none)")
+                   help=f"1.58: ternary weights + int8 activations ({d['bits'] or 'none'})")
 
 
 def _add_backend_flag(p: argparse.ArgumentParser) -> None:
@@ -166,26 +211,41 @@ def _train_parser(sub) -> None:
     g = p.add_argument_group("training (SPEC section 9; unset flags keep the default or, with "
                              "--resume, the checkpoint's value)",
                              argument_default=argparse.SUPPRESS)
-    g.add_argument("--iters", type=_positive_int, metavar="N", help="training steps (2000)")
-    g.add_argument("--batch", type=_positive_int, metavar="N", help="batch size (12)")
-    g.add_argument("--lr", type=float, metavar="X", help="peak learning rate (1e-3)")
-    g.add_argument("--min-lr", type=float, metavar="X", help="final learning rate (1e-4)")
-    g.add_argument("--warmup", type=int, metavar="N", help="linear warm-up steps (100)")
-    g.add_argument("--weight-decay", type=float, metavar="X",
-                   help="AdamW weight decay on matrices (0.1)")
-    g.add_argument("--grad-clip", type=float, metavar="X", help="global grad-norm clip (1.0)")
-    g.add_argument("--eval-interval", type=_positive_int, metavar="N",
-                   help="validate every N steps (250)")
-    g.add_argument("--eval-batches", type=_positive_int, metavar="N",
-                   help="batches per validation (20)")
-    g.add_argument("--final-eval-batches", type=_positive_int,
-                   help="batches of the final validation (200)")
-    g.add_argument("--ckpt-interval", type=_positive_int, metavar="N",
-                   help="checkpoint every N steps (500)")
-    g.add_argument("--log-interval", type=_positive_int, metavar="N",
-                   help="log line every N steps when not on a terminal (50)")
-    g.add_argument("--seed", type=int, metavar="N", help="random seed (0)")
+    for name, metavar, what in (
+            ("iters", "N", "training steps"), ("batch", "N", "batch size"),
+            ("lr", "X", "peak learning rate"), ("min_lr", "X", "final learning rate"),
+            ("warmup", "N", "linear warm-up steps"),
+            ("weight_decay", "X", "AdamW weight decay on matrices"),
+            ("grad_clip", "X", "global grad-norm clip"),
+            ("eval_interval", "N", "validate every N steps"),
+            ("eval_batches", "N", "batches per validation"),
+            ("final_eval_batches", "N", "batches of the final validation"),
+            ("ckpt_interval", "N", "checkpoint every N steps"),
+            ("log_interval", "N", "log line every N steps when not on a terminal"),
+            ("seed", "N", "random seed")):
+        g.add_argument(f"--{name.replace('_', '-')}", type=_setting(name), metavar=metavar,
+                       help=f"{what} ({getattr(TRAIN_DEFAULTS, name):g})")
     p.set_defaults(handler=_train)
+
+
+def _setting(name: str):
+    """argparse type for the train setting ``name``: parsed like its default (int or float)
+    and validated by TrainSettings.check, the one place each setting is checked."""
+    kind = type(getattr(TRAIN_DEFAULTS, name))
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            return TrainSettings.check(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
 def _train(args) -> int:
@@ -193,10 +253,13 @@ def _train(args) -> int:
     result = train(_model_overrides(args), settings, data_path=args.data, out_dir=args.out,
                    resume=args.resume, init_from=args.init_from, overwrite=args.overwrite,
                    backend=args.backend, progress=not args.quiet)
-    if result.stopped is not None and result.stopped.startswith("interrupted"):
-        print(f"minisparse: {result.stopped}; continue with: minisparse train --resume "
-              f"--out {args.out}", file=sys.stderr)
-        return 130
+    if result.signal is not None:
+        try:
+            print(f"minisparse: {result.stopped}; continue with: minisparse train --resume "
+                  f"--out {args.out}", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal is gone; the checkpoint is what matters
+            pass
+        return 128 + result.signal
     if result.stopped is not None:
         _error(result.stopped)
         return 1
@@ -211,14 +274,16 @@ def _train(args) -> int:
 
 
 def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="sample text from a checkpoint")
+    p = sub.add_parser("sample", help="sample text from a checkpoint (printed as it comes)")
     p.add_argument("checkpoint", help="a .npz checkpoint (e.g. runs/default/ckpt.npz)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to sample (500)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (1.0)")
+    p.add_argument("--max-new-tokens", type=_int, default=500, metavar="N",
+                   help="characters to sample (%(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="0 = greedy (%(default)s)")
     p.add_argument("--top-k", type=_positive_int, metavar="N",
                    help="sample from the k most likely only")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--seed", type=_int, default=0, metavar="N", help="random seed (%(default)s)")
     _add_backend_flag(p)
     p.set_defaults(handler=_sample)
 
@@ -229,9 +294,16 @@ def _sample(args) -> int:
     if (args.backend or default_backend()) == "numba":
         pack_model(model)  # decode GEMVs read packed weights: kept rows only, 2-bit ternary
     tokenizer = CharTokenizer(ckpt.vocab)
-    ids = generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed, tokenizer=tokenizer)
-    print(tokenizer.decode(ids))
+    tokens = sample_tokens(model, tokenizer.encode(args.prompt), args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k,
+                           rng=np.random.default_rng(args.seed))
+    first = next(tokens, None)  # validates the options before the prompt is echoed
+    print(args.prompt, end="", flush=True)
+    if first is not None:
+        print(tokenizer.decode([first]), end="", flush=True)
+        for token in tokens:  # one character at a time, as it is generated
+            print(tokenizer.decode([token]), end="", flush=True)
+    print(flush=True)
     return 0
 
 
@@ -249,11 +321,12 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="UTF-8 text whose last 10%% is the validation set (default: the "
                         "checkpoint's training data)")
-    p.add_argument("--batches", type=_positive_int, default=200,
-                   help="random validation batches (200)")
-    p.add_argument("--batch", type=_positive_int, metavar="N",
-                   help="batch size (the checkpoint's, or 12)")
-    p.add_argument("--seed", type=int, metavar="N",
+    p.add_argument("--batches", type=_setting("final_eval_batches"),
+                   default=TRAIN_DEFAULTS.final_eval_batches,
+                   help="random validation batches (%(default)s)")
+    p.add_argument("--batch", type=_setting("batch"), metavar="N",
+                   help=f"batch size (the checkpoint's, or {TRAIN_DEFAULTS.batch})")
+    p.add_argument("--seed", type=_setting("eval_seed"), metavar="N",
                    help="validation batch seed (the checkpoint's eval seed)")
     p.add_argument("--json", action="store_true", help='print {"val_loss": ...}')
     _add_backend_flag(p)
@@ -317,7 +390,7 @@ def _vectors_parser(sub) -> None:
                        description="Write the oracle's golden vectors: one .npz per op and case "
                                    "(inputs, outputs, gradients), and README.txt on the format.")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the random inputs (0)")
     p.set_defaults(handler=_vectors)
 
 
@@ -329,7 +402,22 @@ def _vectors(args) -> int:
     return 0
 
 
-CHECK_OPS = "topk, block_topk, sparsify, absmax, absmean, sparse_linear"
+class _CheckOps:
+    """The op names ``check --op`` accepts: the conformance harness's OPS, imported only when
+    argparse needs them (checking a value, printing help), as hypothesis is slow to import."""
+
+    def _names(self):
+        try:
+            from .oracle.harness import OPS
+        except ImportError as e:  # hypothesis missing
+            raise UsageError(f"check needs hypothesis: {e}") from None
+        return sorted(OPS)
+
+    def __contains__(self, name):
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def _check_parser(sub) -> None:
@@ -340,20 +428,22 @@ def _check_parser(sub) -> None:
                                    "convention per op: pydoc minisparse.oracle.harness")
     p.add_argument("target", metavar="MODULE:FUNCTION",
                    help="e.g. mykernels:topk or path/to/file.py:topk")
-    p.add_argument("--op", required=True, help=f"the op fn implements: {CHECK_OPS}")
+    p.add_argument("--op", required=True, choices=_CheckOps(), metavar="OP",
+                   help="the op FUNCTION implements: %(choices)s")
     p.add_argument("--max-examples", type=_positive_int, default=200,
                    help="generated cases (200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (0)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the generated cases (0)")
     p.set_defaults(handler=_check)
 
 
 def _check(args) -> int:
+    from .oracle.harness import check, load_function  # importable: --op's choices came from it
+
     try:
-        from .oracle.harness import check, load_function
-    except ImportError as e:  # hypothesis missing
-        raise ValueError(str(e)) from None
-    report = check(args.op, load_function(args.target), max_examples=args.max_examples,
-                   seed=args.seed)
+        fn = load_function(args.target)
+    except SyntaxError as e:
+        raise ValueError(f"{e.filename}, line {e.lineno}: {e.msg} (in {args.target})") from None
+    report = check(args.op, fn, max_examples=args.max_examples, seed=args.seed)
     print(report)
     return 0 if report.passed else 1
 
@@ -393,10 +483,14 @@ def _size(text: str):
 
 def _recipe_flags(p, iters: int) -> None:
     g = p.add_argument_group("recipe (shared by every run)")
-    g.add_argument("--iters", type=_positive_int, default=iters, help=f"steps per run ({iters})")
-    g.add_argument("--batch", type=_positive_int, default=12, help="batch size (12)")
-    g.add_argument("--context", type=_positive_int, default=64, help="context length (64)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    g.add_argument("--iters", type=_setting("iters"), default=iters,
+                   help="steps per run (%(default)s)")
+    g.add_argument("--batch", type=_setting("batch"), default=TRAIN_DEFAULTS.batch,
+                   help="batch size (%(default)s)")
+    g.add_argument("--context", type=_positive_int, default=MODEL_DEFAULTS["context"],
+                   help="context length (%(default)s)")
+    g.add_argument("--lr", type=_setting("lr"), default=TRAIN_DEFAULTS.lr,
+                   help="peak learning rate (%(default)s)")
     p.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: tiny Shakespeare)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib)")
     p.add_argument("--progress", action="store_true", help="show each run's progress")
@@ -418,7 +512,7 @@ def _sweep_parser(sub) -> None:
                    metavar="S,...", help="top-K sparsities (0,0.5,0.7,0.85)")
     p.add_argument("--bits", type=_list(_bits, "1.58|none"), default=(None,),
                    metavar="none|1.58,...", help="precisions; one fit per value (none)")
-    p.add_argument("--seeds", type=_list(int, "integers"), default=(0,), metavar="SEED,...",
+    p.add_argument("--seeds", type=_list(_int, "integers >= 0"), default=(0,), metavar="SEED,...",
                    help="seeds (0)")
     p.add_argument("--final-eval-batches", type=_positive_int, default=50,
                    help="validation batches of each run's final loss (50)")
@@ -455,7 +549,7 @@ def _ablate_parser(sub) -> None:
     p.add_argument("--n-layers", type=_positive_int, default=2, help="blocks (2)")
     p.add_argument("--sparsity", type=float, default=0.7,
                    help="top-K sparsity of ste and continue (0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--seed", type=_int, default=0, help="seed (0)")
     _recipe_flags(p, iters=600)
     p.set_defaults(handler=_ablate)
 

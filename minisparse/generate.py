@@ -75,13 +75,16 @@ def pick_token(logits: np.ndarray, temperature: float, top_k: int | None,
     """One id from logits [V]: argmax if temperature == 0, else a draw from
     softmax(logits / temperature) restricted to the top_k largest logits."""
     z = logits.astype(np.float64)
+    if not np.isfinite(z).all():
+        raise ValueError("the model's logits are not finite; its parameters may be diverged")
     if temperature == 0:
         return int(np.argmax(z))
-    z = z / temperature
     if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
+    # subtract the max before dividing: (z - max) / t <= 0 never overflows, even for t = 1e-320
+    # (the max maps to exp(0) = 1, so the sum is >= 1 and the probabilities are never NaN)
+    p = np.exp((z - z.max()) / temperature)
     return int(rng.choice(z.size, p=p / p.sum()))
 
 
@@ -89,7 +92,7 @@ def _check_options(max_new_tokens, temperature, top_k):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from . import rundir
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+)
 from .data import (
     BUNDLED,
     CharTokenizer,
@@ -61,30 +68,37 @@ class TrainSettings:
     ste: bool = True  # False: masked top-K gradient (Q-Sparse eq. 12) instead of the STE
 
     def __post_init__(self):
-        if not isinstance(self.ste, bool):
-            raise ValueError(f"train setting ste must be true or false, got {self.ste!r}")
         for f in dataclasses.fields(self):
-            if f.name == "ste":
-                continue
-            value = getattr(self, f.name)
-            kind = type(f.default)  # int or float
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"train setting {f.name} must be a number, got {value!r}")
-            if kind is int and value != int(value):
-                raise ValueError(f"train setting {f.name} must be an integer, got {value!r}")
-            setattr(self, f.name, kind(value))
-        positive = ("iters", "batch", "lr", "eval_interval", "eval_batches",
-                    "final_eval_batches", "ckpt_interval", "log_interval", "grad_clip")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"train setting {name} must be > 0, got {getattr(self, name)}")
-        for name in ("min_lr", "warmup", "eps", "weight_decay", "seed", "eval_seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train setting {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(
-                    f"train setting {name} must be in [0, 1), got {getattr(self, name)}")
+            try:
+                setattr(self, f.name, self.check(f.name, getattr(self, f.name)))
+            except ValueError as e:
+                raise ValueError(f"train setting {f.name} {e}") from None
+
+    @classmethod
+    def check(cls, name: str, value):
+        """``value`` as setting ``name`` (int or float like its default), or a ValueError
+        saying what it must be. The one place each setting is validated (the CLI uses it)."""
+        kind = type(_DEFAULTS[name])
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value!r}")
+        if kind is int and value != int(value):
+            raise ValueError(f"must be an integer, got {value!r}")
+        value = kind(value)
+        low, high, low_open, high_open = _RANGES[name]
+        if (value < low or (low_open and value == low)
+                or (high is not None and (value > high or (high_open and value == high)))):
+            if high is None:
+                wanted = f"{'>' if low_open else '>='} {low}"
+            else:
+                wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ValueError(f"must be {wanted}, got {value!r}")
+        return value
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
@@ -99,6 +113,21 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+MAX_BATCH = 4096  # a sanity bound: a batch beyond it is a typo, not a run that fits in memory
+# setting -> (low, high, low excluded, high excluded); ste is a bool
+_RANGES = {
+    **{name: (0, None, True, False) for name in (
+        "iters", "lr", "eval_interval", "eval_batches", "final_eval_batches", "ckpt_interval",
+        "log_interval", "grad_clip", "eps")},
+    "batch": (1, MAX_BATCH, False, False),
+    **{name: (0, None, False, False) for name in (
+        "min_lr", "warmup", "weight_decay", "seed", "eval_seed")},
+    "beta1": (0, 1, False, True),
+    "beta2": (0, 1, False, True),
+}
+
+
 @dataclass
 class TrainResult:
     """What a run did: losses per step, validation losses, where the checkpoint is."""
@@ -111,6 +140,7 @@ class TrainResult:
     final_val_loss: float | None = None  # over final_eval_batches; None if stopped early
     checkpoint: Path | None = None  # the last checkpoint written (None if none)
     stopped: str | None = None  # None if the run completed, else why it stopped
+    signal: int | None = None  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run
     tokens_per_second: float = 0.0
 
 
@@ -146,11 +176,16 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     ``resume``: continue ``out_dir/ckpt.npz`` (its config, settings and data unless
     overridden; a different model config is an error). ``init_from``: start from that
     checkpoint's parameters with a fresh optimizer, changing any field that keeps the
-    parameter shapes (sparsity, block, bits, rescale, ffn_act, context).
+    parameter shapes (sparsity, block, bits, rescale, ffn_act, context); the data defaults to
+    the checkpoint's own (its vocabulary is kept either way).
     A fresh run refuses to replace an existing checkpoint unless ``overwrite``. ``backend``
     ("numpy" | "numba" | None = the kernels' default) picks the sparse_linear implementation.
-    Ctrl-C saves a checkpoint and returns; a non-finite loss stops the run and keeps the last
-    good checkpoint. Both are reported in ``TrainResult.stopped``. ``callback``, if given, is
+    The run holds ``out_dir`` (another run on it is refused at once) and checks it is writable
+    before the first step. Ctrl-C, SIGTERM or SIGHUP saves a checkpoint after the current step
+    and returns (``TrainResult.signal`` says which). A diverging run (a non-finite loss or
+    state, or a loss far above ln V) stops without overwriting the last good checkpoint; every
+    checkpoint is verified (finite state, a sane loss on one validation batch) before it is
+    written. Both are reported in ``TrainResult.stopped``. ``callback``, if given, is
     called as callback(step, model) after every validation (periodic and final).
     """
     if resume and init_from is not None:
@@ -159,13 +194,27 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
     ckpt_path = out_dir / CKPT_NAME
     if resume and not ckpt_path.exists():
         raise CheckpointError(f"nothing to resume: no checkpoint at {ckpt_path}")
+    with rundir.claim(out_dir):
+        return _train(model_config, settings, text, data_path, ckpt_path, resume, init_from,
+                      overwrite, backend, progress, callback)
+
+
+def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from, overwrite,
+           backend, progress, callback) -> TrainResult:
+    """``train`` once its output directory is held."""
+    if resume and not ckpt_path.exists():
+        raise CheckpointError(f"nothing to resume: no checkpoint at {ckpt_path}")
     if not resume and not overwrite and ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists: resume it (--resume), choose another output "
                          "directory (--out) or overwrite it (--overwrite)")
+    removed = remove_stale_temps(ckpt_path)
+    if removed:
+        print(f"minisparse: removed {len(removed)} unfinished checkpoint file(s) of an earlier "
+              f"run killed while saving: {', '.join(removed)}", file=sys.stderr)
     base = load_checkpoint(ckpt_path if resume else init_from) if (resume or init_from) else None
 
     settings = _settings(settings, base.settings if resume else {})
-    text, source = resolve_text(text, data_path, base.data if resume else {})
+    text, source = resolve_text(text, data_path, base.data if base else {})
     tokenizer = CharTokenizer(base.vocab) if base else CharTokenizer.from_text(text)
     config = _config(model_config, base, resume, tokenizer.vocab_size)
     data = make_dataset(text, config.context, tokenizer)
@@ -190,12 +239,20 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
         optimizer.load_state_dict(base.optimizer)
         rng.bit_generator.state = base.rng_state
         step, history = base.step, base.history
+    # a checkpoint holds the parameters and two AdamW moments, plus the meta
+    rundir.check_free_space(ckpt_path.parent,
+                            3 * sum(p.data.nbytes for _, p in model.named_parameters()) + 2**20)
+    diverged_above = DIVERGED * math.log(config.vocab_size)
 
     def save():
-        save_checkpoint(ckpt_path, Checkpoint(
-            config=config, params=model.state_dict(), vocab=tokenizer.vocab, step=step,
-            optimizer=optimizer.state_dict(), rng_state=rng.bit_generator.state,
-            settings=settings.to_dict(), data=data_info, history=history))
+        """Write the checkpoint if the state is sane; else return why not (and write nothing)."""
+        problem = _diverged(model, optimizer, data.val, settings, diverged_above)
+        if problem is None:
+            save_checkpoint(ckpt_path, Checkpoint(
+                config=config, params=model.state_dict(), vocab=tokenizer.vocab, step=step,
+                optimizer=optimizer.state_dict(), rng_state=rng.bit_generator.state,
+                settings=settings.to_dict(), data=data_info, history=history))
+        return problem
 
     def validate(batches):
         loss = evaluate(model, data.val, np.random.default_rng(settings.eval_seed), batches,
@@ -206,24 +263,35 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
             callback(step, model)
         return loss
 
+    def stop(problem):
+        kept = ("no checkpoint was written" if saved_step is None else
+                f"kept the last good checkpoint {ckpt_path} (step {saved_step})")
+        result.stopped = f"{problem}; stopped and {kept}; a lower lr may help"
+
     result = TrainResult(config, settings, step)
     saved_step = step if resume else None  # step of the last checkpoint of this run
     train_time, train_tokens = 0.0, 0
-    with _CtrlC() as ctrl_c, _Progress(progress, settings, step) as log:
+    # a diverging run overflows on its way to the guard, which reports it in one line: no
+    # NumPy warnings on top
+    with _Signals() as signals, _Progress(progress, settings, step) as log, \
+            np.errstate(over="ignore", invalid="ignore"):
         while step < settings.iters:
-            if ctrl_c.pressed:
-                save()
-                result.stopped = f"interrupted at step {step}; checkpoint saved to {ckpt_path}"
+            if signals.received:
+                problem = save()
+                if problem is not None:
+                    stop(f"{problem} at step {step}")
+                    break
+                result.signal = signals.received
+                result.stopped = (f"interrupted at step {step} "
+                                  f"({signal.Signals(signals.received).name}); checkpoint saved "
+                                  f"to {ckpt_path}")
                 break
             t0 = time.perf_counter()
             x, y = get_batch(rng, data.train, settings.batch, config.context)
             _, loss = model(x, y)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                kept = ("no checkpoint was written" if saved_step is None else
-                        f"kept the last good checkpoint {ckpt_path} (step {saved_step})")
-                result.stopped = (f"loss is {loss_value} at step {step + 1}; stopped and "
-                                  f"{kept}; a lower lr may help")
+            if not math.isfinite(loss_value) or loss_value > diverged_above:
+                stop(f"loss is {loss_value} at step {step + 1}")
                 break
             optimizer.zero_grad()
             loss.backward()
@@ -244,17 +312,40 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
             elif step % settings.eval_interval == 0:
                 validate(settings.eval_batches)
             if step == settings.iters or step % settings.ckpt_interval == 0:
-                save()
+                problem = save()
+                if problem is not None:
+                    stop(f"{problem} after step {step}")
+                    result.final_val_loss = None
+                    break
                 saved_step = step
 
-    if result.stopped is None and result.final_val_loss is None:  # resumed a finished run
-        result.final_val_loss = history["val_loss"][-1][1]
+    if result.stopped is None and result.final_val_loss is None and history["val_loss"]:
+        result.final_val_loss = history["val_loss"][-1][1]  # resumed a finished run
     result.step = step
     result.train_loss = list(history["train_loss"])
     result.val_loss = [list(p) for p in history["val_loss"]]
     result.checkpoint = ckpt_path if ckpt_path.exists() else None
     result.tokens_per_second = train_tokens / train_time if train_time else 0.0
     return result
+
+
+DIVERGED = 10  # a loss above DIVERGED * ln V (uniform guessing) means the run has diverged
+
+
+def _diverged(model: GPT, optimizer: AdamW, val: np.ndarray, settings: TrainSettings,
+              limit: float) -> str | None:
+    """Why the current state must not be saved (a non-finite parameter or optimizer moment,
+    or a non-finite or diverged loss on one validation batch), or None if it is sane."""
+    for name, p in model.named_parameters():
+        if not np.isfinite(p.data).all():
+            return f"parameter {name} is not finite"
+    for key, value in optimizer.state_dict().items():
+        if isinstance(value, np.ndarray) and not np.isfinite(value).all():
+            return f"optimizer state {key} is not finite"
+    loss = evaluate(model, val, np.random.default_rng(settings.eval_seed), 1, settings.batch)
+    if not math.isfinite(loss) or loss > limit:
+        return f"the validation loss is {loss}"
+    return None
 
 
 def _settings(settings, saved: dict) -> TrainSettings:
@@ -301,27 +392,36 @@ def _config(model_config, base: Checkpoint | None, resume: bool, vocab_size: int
     return GPTConfig.from_dict(new)
 
 
-class _CtrlC:
-    """First Ctrl-C sets ``pressed`` (the loop saves at the next step boundary, so the
-    checkpoint is consistent); a second one raises KeyboardInterrupt at once."""
+class _Signals:
+    """The first Ctrl-C (SIGINT), SIGTERM (``kill``, a job scheduler) or SIGHUP (a closed
+    terminal) sets ``received`` to its number: the loop saves at the next step boundary, so
+    the checkpoint is consistent. A second one raises KeyboardInterrupt at once."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")  # SIGHUP does not exist on Windows
 
     def __enter__(self):
-        self.pressed = False
-        self.previous = None
+        self.received = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    signum = getattr(signal, name)
+                    self.previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        if self.pressed:
+        if self.received:
             raise KeyboardInterrupt
-        self.pressed = True
-        print("\nCtrl-C: saving a checkpoint after this step (again to quit now)",
-              file=sys.stderr, flush=True)
+        self.received = signum
+        try:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+                  "(again to quit now)", file=sys.stderr, flush=True)
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
         return False
 
 

@@ -107,15 +107,21 @@ def test_train_without_arguments_is_the_default_recipe(monkeypatch):
 
 class _Done:
     stopped, step, final_val_loss, checkpoint = None, 2000, 1.7, "runs/default/ckpt.npz"
+    signal = None
 
 
 def test_train_reports_interrupt_and_non_finite_stop(monkeypatch, capsys):
     stopped = _Done()
     monkeypatch.setattr(cli, "train", lambda *a, **kw: stopped)
-    stopped.stopped = "interrupted at step 7; checkpoint saved to runs/x/ckpt.npz"
+    stopped.stopped = "interrupted at step 7 (SIGINT); checkpoint saved to runs/x/ckpt.npz"
+    stopped.signal = 2
     assert cli.main(["train", "--out", "runs/x"]) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 7" in err and "minisparse train --resume --out runs/x" in err
+    stopped.signal = 15
+    assert cli.main(["train", "--out", "runs/x"]) == 143
+    capsys.readouterr()
+    stopped.signal = None
     stopped.stopped = "loss is nan at step 3; stopped and no checkpoint was written"
     assert cli.main(["train"]) == 1
     assert "loss is nan at step 3" in one_error_line(capsys)
@@ -133,13 +139,13 @@ def test_train_refuses_to_clobber_a_checkpoint(trained, capsys):
     (["train", "--sparsity", "abc"], "--sparsity: invalid float value"),
     (["train", "--block", "16-32"], "expected N:M"),
     (["train", "--bits", "2"], "expected 1.58 or none"),
-    (["train", "--iters", "0"], "positive integer"),
+    (["train", "--iters", "0"], "--iters: must be > 0"),
     (["train", "--ffn-act", "gelu"], "invalid choice"),
     (["train", "--resume", "--init-from", "x.npz"], "not allowed with"),
     (["train", "--data", "/no/such/file.txt"], "data file not found"),
     (["train", "--sparsity", "1.5", "--out", "{tmp}"], "sparsity must be in [0, 1)"),
     (["train", "--d-model", "30", "--out", "{tmp}"], "d_model=30"),
-    (["train", "--lr", "-1", "--out", "{tmp}"], "lr must be > 0"),
+    (["train", "--lr", "-1", "--out", "{tmp}"], "--lr: must be > 0"),
     (["train", "--resume", "--out", "{tmp}"], "nothing to resume"),
     (["eval", "/no/such/ckpt.npz"], "checkpoint not found"),
     (["eval", "{corrupt}"], "not an .npz"),

@@ -118,7 +118,8 @@ def test_resume_after_a_crash_from_the_interval_checkpoint(tmp_path, monkeypatch
 
     def crash(*args):
         calls["n"] += 1
-        if calls["n"] == 14:  # during step 11 (validation at step 10 drew 3 batches)
+        if calls["n"] == 15:  # during step 11 (step 10's validation drew 3 batches and the
+            # check of its checkpoint 1)
             raise MemoryError("simulated crash")
         return real(*args)
 
@@ -253,3 +254,139 @@ def test_resuming_a_finished_run_reports_its_result(tmp_path):
     assert again.final_val_loss == done.final_val_loss and again.train_loss == done.train_loss
     with pytest.raises(ValueError, match="at step 4, beyond iters=2"):
         run(tmp_path, settings=settings(iters=2), resume=True)
+
+
+# --- nothing lost: divergence, the output lock, an unusable --out, SIGTERM / SIGHUP ---------
+
+
+def test_diverging_resume_leaves_the_last_good_checkpoint_byte_identical(tmp_path):
+    run(tmp_path, settings=settings(iters=10))
+    before = (tmp_path / "ckpt.npz").read_bytes()
+    result = run(tmp_path, resume=True,
+                 settings=settings(iters=20, lr=1e38, warmup=0, ckpt_interval=1))
+    assert result.stopped is not None and "kept the last good checkpoint" in result.stopped
+    assert "(step 10)" in result.stopped
+    assert (tmp_path / "ckpt.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("lr", [1e38, 1e20, 1e10])
+def test_a_run_that_diverges_from_scratch_saves_nothing(tmp_path, lr):
+    # the finite but absurd states in between (weights of 1e37, a loss of 1e30) are caught too
+    result = run(tmp_path, settings=settings(iters=21, lr=lr, warmup=0, ckpt_interval=1))
+    assert result.stopped is not None and "a lower lr may help" in result.stopped
+    if result.checkpoint is not None:  # only states that passed the check were written
+        ckpt = load_checkpoint(result.checkpoint)
+        assert max(np.abs(a).max() for a in ckpt.params.values()) < 1e6
+
+
+def test_second_run_on_a_held_out_dir_is_refused_at_once(tmp_path, monkeypatch):
+    from minisparse import rundir
+
+    steps = []
+    monkeypatch.setattr(train_mod, "get_batch", lambda *a: steps.append(1))
+    with rundir.claim(tmp_path):
+        with pytest.raises(rundir.OutputDirError, match=rf"in use by another training run "
+                                                         rf"\(pid {os.getpid()}\)"):
+            run(tmp_path)
+    assert steps == []  # refused before any step
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
+    (tmp_path / ".minisparse.lock").write_text("99999999\n")  # nobody holds the flock
+    assert run(tmp_path, settings=settings(iters=2)).stopped is None
+    assert "left by pid 99999999" in capsys.readouterr().err
+    assert not (tmp_path / ".minisparse.lock").exists()  # released on exit
+
+
+def test_stale_temp_files_are_removed_at_the_next_run(tmp_path, capsys):
+    run(tmp_path, settings=settings(iters=2))
+    stale = tmp_path / ".ckpt.npz.4242.0badc0de.tmp"
+    stale.write_bytes(b"PK half a checkpoint")  # what a SIGKILL during a save leaves
+    run(tmp_path, settings=settings(iters=4), resume=True)
+    assert not stale.exists()
+    assert stale.name in capsys.readouterr().err
+
+
+def test_an_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
+    from minisparse import rundir
+
+    steps = []
+    monkeypatch.setattr(train_mod, "get_batch", lambda *a: steps.append(1))
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OSError, match="cannot create output directory"):
+        run(tmp_path / "file" / "run")
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000}))
+    with pytest.raises(OSError, match="free in"):
+        run(tmp_path / "full")
+    assert steps == [] and not (tmp_path / "full").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_a_read_only_out_is_refused_before_training(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OSError, match="cannot write to output directory"):
+            run(tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_sighup_saves_like_ctrl_c(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.get_batch
+
+    def get_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "get_batch", get_batch)
+    before = signal.getsignal(signal.SIGHUP)
+    result = run(tmp_path)
+    assert result.signal == signal.SIGHUP and result.stopped.startswith("interrupted at step 5")
+    assert load_checkpoint(result.checkpoint).step == 5
+    assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_sigterm_to_the_command_saves_and_resume_is_bit_identical(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    argv = [sys.executable, "-m", "minisparse", "train", "--data", str(data), "--backend",
+            "numpy", "--context", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+            "--iters", "300", "--batch", "8", "--eval-interval", "100", "--eval-batches", "2",
+            "--final-eval-batches", "2", "--ckpt-interval", "1000", "--log-interval", "1",
+            "--seed", "3"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([*argv, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "--resume" in err
+    cut = load_checkpoint(tmp_path / "cut" / "ckpt.npz")
+    assert 3 <= cut.step < 300
+    full = run(tmp_path / "full", settings=settings(
+        iters=300, eval_interval=100, eval_batches=2, final_eval_batches=2, ckpt_interval=1000,
+        lr=1e-3, min_lr=1e-4, warmup=100, seed=3))
+    resumed = train(None, None, out_dir=tmp_path / "cut", resume=True, backend="numpy",
+                    progress=False)
+    assert resumed.step == 300
+    assert_same_state(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint))
+
+
+def test_init_from_trains_on_the_checkpoints_own_data(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    dense = train(TINY, settings(iters=2), data_path=data, out_dir=tmp_path / "dense",
+                  backend="numpy", progress=False)
+    sparse = train({"sparsity": 0.5}, settings(iters=2), init_from=dense.checkpoint,
+                   out_dir=tmp_path / "sparse", backend="numpy", progress=False)
+    assert load_checkpoint(sparse.checkpoint).data == load_checkpoint(dense.checkpoint).data
