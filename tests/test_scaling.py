@@ -10,7 +10,6 @@ from minisparse.scaling import (
     _objective,
     fit_scaling_law,
     huber,
-    lbfgs,
 )
 
 # A law whose B and C are both large enough to be identifiable from its values.
@@ -78,20 +77,6 @@ def test_objective_gradient_matches_finite_differences():
         err = check_grad(lambda t, d=delta: _objective(t, *args, d)[0],
                          lambda t, d=delta: _objective(t, *args, d)[1], theta)
         assert err <= 1e-5 * np.linalg.norm(_objective(theta, *args, delta)[1])
-
-
-def test_lbfgs_minimises_rosenbrock():
-    def rosenbrock(x):  # minimum 0 at (1, ..., 1)
-        a, b = x[:-1], x[1:]
-        f = np.sum(100 * (b - a**2) ** 2 + (1 - a) ** 2)
-        g = np.zeros_like(x)
-        g[:-1] += -400 * a * (b - a**2) - 2 * (1 - a)
-        g[1:] += 200 * (b - a**2)
-        return f, g
-
-    x, f = lbfgs(rosenbrock, np.array([-1.2, 1.0, -0.5, 0.8, 2.0]), maxiter=2000)
-    np.testing.assert_allclose(x, np.ones(5), atol=1e-6)
-    assert f < 1e-12
 
 
 @pytest.mark.parametrize("law", [LAW, PUBLISHED])
