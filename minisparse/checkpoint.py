@@ -19,6 +19,7 @@ as more comes out than its header declared (no deflate bomb), so loading peaks a
 arrays' own size.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -190,11 +191,21 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape, dtype, fortr
     return out.T if fortran else out
 
 
+def param_count(config: GPTConfig) -> tuple[int, int]:
+    """(arrays, numbers) of ``config``'s parameters, in O(1) for any n_layers: what one layer
+    adds, times n_layers, plus the rest (param_shapes would list every layer's arrays, which
+    takes forever for an absurd n_layers)."""
+    one, two = (param_shapes(dataclasses.replace(config, n_layers=n)) for n in (1, 2))
+    numbers = [sum(math.prod(s) for s in shapes.values()) for shapes in (one, two)]
+    layers = config.n_layers - 1
+    return (len(one) + layers * (len(two) - len(one)),
+            numbers[0] + layers * (numbers[1] - numbers[0]))
+
+
 def _implied_bytes(config: GPTConfig) -> int:
     """The most bytes a checkpoint of ``config`` holds besides its meta: float64 parameters
     and two AdamW moments of the same shapes, plus 1 MB of slack for small entries."""
-    n = sum(math.prod(s) for s in param_shapes(config).values())
-    return 3 * 8 * n + 2**20
+    return 3 * 8 * param_count(config)[1] + 2**20
 
 
 def _read_arrays(path: Path) -> tuple[dict, dict]:
@@ -227,6 +238,11 @@ def _read_arrays(path: Path) -> tuple[dict, dict]:
                                           f"{MAX_META_BYTES:,} bytes")
             meta = _parse_meta(_read_member(zf, *headers["meta"][:4]))
             declared = sum(h[4] for k, h in headers.items() if k not in ("meta", "checksum"))
+            arrays_implied = param_count(meta["config"])[0]
+            stored = sum(k.startswith("param/") for k in headers)
+            if stored != arrays_implied:
+                raise CheckpointError(f"holds {stored} parameter arrays, its config implies "
+                                      f"{arrays_implied:,}")
             bound = _implied_bytes(meta["config"])
             if declared > bound:
                 raise CheckpointError(f"its arrays declare {declared:,} bytes, more than its "

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, param_count
 from .data import CharTokenizer, make_dataset
 from .generate import sample_tokens
 from .kernels import default_backend, pack_model
@@ -361,6 +361,9 @@ def _info_parser(sub) -> None:
     p.set_defaults(handler=_info)
 
 
+MAX_INFO_ARRAYS = 10**6  # count_params lists every array; a million layers' worth is enough
+
+
 def _info(args) -> int:
     overrides = _model_overrides(args)
     if args.checkpoint is not None:
@@ -370,6 +373,10 @@ def _info(args) -> int:
     else:
         config = GPTConfig.from_dict({"vocab_size": args.vocab_size, **overrides})
         extra = {}
+    arrays = param_count(config)[0]
+    if arrays > MAX_INFO_ARRAYS:
+        raise ValueError(f"a model of {config.n_layers:,} layers has {arrays:,} parameter arrays, "
+                         f"too many to list (at most {MAX_INFO_ARRAYS:,})")
     counts = count_params(config)
     if args.json:
         print(json.dumps({"config": config.to_dict(), **counts, **extra}))

@@ -84,7 +84,8 @@ def pick_token(logits: np.ndarray, temperature: float, top_k: int | None,
         z = np.where(z < kth, -np.inf, z)
     # subtract the max before dividing: (z - max) / t <= 0 never overflows, even for t = 1e-320
     # (the max maps to exp(0) = 1, so the sum is >= 1 and the probabilities are never NaN)
-    p = np.exp((z - z.max()) / temperature)
+    with np.errstate(over="ignore"):  # -> -inf, exp(-inf) = 0: that token is never drawn
+        p = np.exp((z - z.max()) / temperature)
     return int(rng.choice(z.size, p=p / p.sum()))
 
 

@@ -9,6 +9,7 @@ evaluation: every evaluation, of every run, sees the same batches.
 import dataclasses
 import hashlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    param_count,
     remove_stale_temps,
     save_checkpoint,
 )
@@ -217,6 +219,7 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
     text, source = resolve_text(text, data_path, base.data if base else {})
     tokenizer = CharTokenizer(base.vocab) if base else CharTokenizer.from_text(text)
     config = _config(model_config, base, resume, tokenizer.vocab_size)
+    _check_fits_in_memory(config)
     data = make_dataset(text, config.context, tokenizer)
     data_info = {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
     if resume and base.data.get("sha256") not in (None, data_info["sha256"]):
@@ -327,6 +330,20 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
     result.checkpoint = ckpt_path if ckpt_path.exists() else None
     result.tokens_per_second = train_tokens / train_time if train_time else 0.0
     return result
+
+
+def _check_fits_in_memory(config: GPTConfig) -> None:
+    """Refuse a model whose parameters, gradients and two AdamW moments (float32) alone exceed
+    the machine's memory, before allocating any of it."""
+    numbers = param_count(config)[1]
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): let NumPy decide
+        return
+    if 16 * numbers > memory:
+        raise ValueError(f"the model has {numbers:,} parameters: with gradients and AdamW "
+                         f"state that is {16 * numbers / 2**30:,.1f} GB, more than this "
+                         f"machine's {memory / 2**30:.1f} GB of memory")
 
 
 DIVERGED = 10  # a loss above DIVERGED * ln V (uniform guessing) means the run has diverged

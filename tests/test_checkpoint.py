@@ -364,3 +364,10 @@ def test_file_mode_follows_the_umask_and_stale_temps_are_removed(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     assert ckpt_mod.remove_stale_temps(tmp_path / "c.npz") == [stale.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
+def test_a_config_of_absurd_size_is_refused_quickly(saved):
+    path, _ = saved
+    rewrite(path, lambda a: edit_meta(a, lambda m: m["config"].update(n_layers=10**18)))
+    with pytest.raises(CheckpointError, match="config implies 9,000,000,000,000,000,00"):
+        load_checkpoint(path)  # param_shapes would list 9e18 names: hours, then out of memory
