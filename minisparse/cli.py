@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -51,8 +52,7 @@ def main(argv=None) -> int:
         _error(str(e))
         return 2
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this
-        _error("interrupted")
+        _interrupted()
         return 130
     except BrokenPipeError:  # e.g. `minisparse sample ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
@@ -66,6 +66,18 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- the last resort: one line, never a traceback
         _error(f"{type(e).__name__}: {e}")
         return 1
+
+
+def _interrupted() -> None:
+    """Report a Ctrl-C; a second Ctrl-C while doing so must not end in a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        _error("interrupted")
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _error("interrupted")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _error(message: str) -> None:

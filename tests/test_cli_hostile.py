@@ -96,11 +96,9 @@ def test_ctrl_c_outside_training_exits_130_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_info", interrupted)
     before = signal.getsignal(signal.SIGINT)
-    try:
-        assert cli.main(["info"]) == 130
-    finally:
-        signal.signal(signal.SIGINT, before)
+    assert cli.main(["info"]) == 130
     assert capsys.readouterr().err == "minisparse: error: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_version(capsys):
