@@ -178,3 +178,20 @@ def test_sample_streams_each_character_as_it_is_generated(files):
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_ctrl_c_while_the_command_line_imports(monkeypatch, capsys):
+    import builtins
+
+    from minisparse import __main__ as entry
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli":  # `from .cli import main`, while NumPy and Numba load
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert entry.run() == 130
+    assert capsys.readouterr().err == "minisparse: error: interrupted\n"
