@@ -11,12 +11,14 @@ import sys
 
 import numpy as np
 
+from .backend import BACKENDS, default_backend
 from .checkpoint import load_checkpoint
-from .data import CharTokenizer, make_dataset
+from .data import CharTokenizer, get_batch, make_dataset
 from .generate import generate
-from .kernels import default_backend, pack_model
-from .linear import BACKENDS
-from .model import GPT, GPTConfig, count_params
+from .linear import ACTIVATIONS
+from .model import FFNS, GPT, GPTConfig, count_params
+from .sparsity import RESCALES
+from .tensor import no_grad
 from .train import TrainSettings, evaluate, resolve_text, train
 
 DEFAULT_OUT = "runs/default"
@@ -61,6 +63,7 @@ def build_parser() -> Parser:
     _sample_parser(sub)
     _eval_parser(sub)
     _info_parser(sub)
+    _calibrate_parser(sub)
     # --- oracle commands --- (register parsers here; define them in the section below)
     _vectors_parser(sub)
     _check_parser(sub)
@@ -107,7 +110,8 @@ def _positive_int(text: str) -> int:
 
 # the flags (argparse dests) that set GPTConfig fields; shared by train and info
 MODEL_FLAGS = ("context", "d_model", "n_layers", "n_heads", "ffn_hidden", "ffn_act",
-               "sparsity", "block", "rescale", "bits")
+               "sparsity", "block", "rescale", "bits", "ffn", "n_experts", "top_experts",
+               "moe_aux")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -119,12 +123,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-heads", type=_positive_int, metavar="N", help="attention heads (4)")
     g.add_argument("--ffn-hidden", type=_positive_int, metavar="N",
                    help="FFN width (16*round(8d/3/16))")
-    g.add_argument("--ffn-act", choices=("relu2", "silu"), help="FFN gate activation (relu2)")
+    g.add_argument("--ffn-act", choices=ACTIVATIONS, help="FFN gate activation (relu2)")
     g.add_argument("--sparsity", type=float, metavar="S", help="top-K sparsity in [0, 1) (0)")
     g.add_argument("--block", type=_block, metavar="N:M", help="block top-K, e.g. 16:32")
-    g.add_argument("--rescale", choices=("none", "l2"), help="re-scale after top-K (none)")
+    g.add_argument("--rescale", choices=RESCALES, help="re-scale after top-K (none)")
     g.add_argument("--bits", type=_bits, metavar="1.58|none",
                    help="1.58: ternary weights + int8 activations (none)")
+    g.add_argument("--ffn", choices=FFNS, help="feed-forward: one GLU or a mixture of GLU "
+                   "experts (glu)")
+    g.add_argument("--experts", dest="n_experts", type=_positive_int, metavar="E",
+                   help="experts per MoE layer (with --ffn moe)")
+    g.add_argument("--top-experts", dest="top_experts", type=_positive_int, metavar="K",
+                   help="experts each token is routed to (with --ffn moe)")
+    g.add_argument("--moe-aux", type=float, metavar="X",
+                   help="weight of the load-balancing loss (0.01)")
 
 
 def _add_backend_flag(p: argparse.ArgumentParser) -> None:
@@ -227,11 +239,19 @@ def _sample(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     model = _model(ckpt, args.backend)
     if (args.backend or default_backend()) == "numba":
+        from .kernels import pack_model
+
         pack_model(model)  # decode GEMVs read packed weights: kept rows only, 2-bit ternary
     tokenizer = CharTokenizer(ckpt.vocab)
     ids = generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, seed=args.seed, tokenizer=tokenizer)
     print(tokenizer.decode(ids))
+    if ckpt.config.sparsify == "threshold":
+        from .sweep import activation_sparsity
+
+        window = np.array([ids[-ckpt.config.context:]])
+        print(f"measured activation sparsity {activation_sparsity(model, [window]):.4f} "
+              f"(calibration target {ckpt.config.sparsity:g})", file=sys.stderr)
     return 0
 
 
@@ -269,8 +289,35 @@ def _eval(args) -> int:
     batch = saved.batch if args.batch is None else args.batch
     model = _model(ckpt, args.backend)
     loss = evaluate(model, data.val, np.random.default_rng(seed), args.batches, batch)
-    print(json.dumps({"val_loss": loss}) if args.json else f"val loss {loss:.4f}")
+    report = {"val_loss": loss, **_measured(model, data.val, seed, batch)}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"val loss {loss:.4f}")
+    if "act_sparsity" in report:
+        print(f"measured activation sparsity {report['act_sparsity']:.4f} (calibration target "
+              f"{model.config.sparsity:g})")
+    if "expert_load" in report:
+        for i, load in enumerate(report["expert_load"]):
+            print(f"layer {i} expert load {' '.join(f'{f:.3f}' for f in load)}")
     return 0
+
+
+def _measured(model, val, seed, batch) -> dict:
+    """What eval measures besides the loss, on one validation batch: the activation sparsity of
+    a thresholded model (it varies per token), and each MoE layer's fraction of tokens per
+    expert."""
+    out = {}
+    idx = get_batch(np.random.default_rng(seed), val, batch, model.config.context)[0]
+    if model.config.sparsify == "threshold":
+        from .sweep import activation_sparsity
+
+        out["act_sparsity"] = activation_sparsity(model, [idx])
+    if model.config.ffn == "moe":
+        with no_grad():
+            model(idx)
+        out["expert_load"] = model.expert_load()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +351,49 @@ def _info(args) -> int:
     for key, value in {**config.to_dict(), **extra}.items():
         print(f"{key:>16}: {value}")
     print(f"{'N':>16}: {counts['N']:,} parameters")
-    print(f"{'N_a':>16}: {counts['N_a']:,} activated per token")
+    print(f"{'N_a':>16}: {counts['N_a']:,} activated per token"
+          + (" (thresholds: K_in at the calibration target sparsity; the real count varies "
+             "per token, eval measures it)" if config.sparsify == "threshold" else "")
+          + (f" (router + {config.top_experts} of {config.n_experts} experts)"
+             if config.ffn == "moe" else ""))
     print(f"{'overall sparsity':>16}: {counts['sparsity']:.2%} (1 - N_a/N over the projections)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _calibrate_parser(sub) -> None:
+    from .calibrate import DEFAULT_TOKENS
+
+    p = sub.add_parser("calibrate", help="training-free threshold sparsity (SPEC section 11)",
+                       description="Calibrate one threshold per projection input of every "
+                                   "block from one forward pass over training-split tokens, "
+                                   "and write the thresholded model to OUT.")
+    p.add_argument("checkpoint", help="a .npz checkpoint (e.g. a dense model)")
+    p.add_argument("--sparsity", type=float, required=True, metavar="S",
+                   help="target activation sparsity in [0, 1)")
+    p.add_argument("--out", required=True, metavar="NEW.npz", help="checkpoint to write")
+    p.add_argument("--tokens", type=_positive_int, default=DEFAULT_TOKENS, metavar="N",
+                   help=f"calibration tokens, whole windows of the context ({DEFAULT_TOKENS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (0)")
+    p.add_argument("--data", metavar="PATH",
+                   help="UTF-8 text whose first 90%% is the training split (default: the "
+                        "checkpoint's training data)")
+    p.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    text, _ = resolve_text(None, args.data, ckpt.data)
+    new, taus = calibrate(ckpt, args.sparsity, text, tokens=args.tokens, seed=args.seed)
+    save_checkpoint(args.out, new)
+    print(f"calibrated {len(taus)} thresholds for sparsity {args.sparsity:g} on "
+          f"{new.history['calibration']['tokens']} tokens: {args.out}")
     return 0
 
 

@@ -17,8 +17,8 @@ from .quant import NoQuant, quantizers
 from .sparsity import BlockTopK, Dense, TopK, make_sparsifier, resolve_topk
 from .tensor import Tensor
 
-__all__ = ["BACKENDS", "SparseLinear", "sparse_linear", "feed_forward", "glu_activation",
-           "resolve_linear", "linear_methods"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "SparseLinear", "sparse_linear", "feed_forward",
+           "glu_activation", "resolve_linear", "linear_methods"]
 
 
 class SparseLinear(Module):
@@ -90,13 +90,16 @@ def resolve_linear(d_in, *, op="sparse_linear", **options):
     return None, None
 
 
+ACTIVATIONS = ("relu2", "silu")
+
+
 def glu_activation(act: str):
     """SPEC 6's gate activation: "relu2" -> relu(g)² (Q-Sparse eq. 11), "silu" -> silu(g)."""
     if act == "relu2":
         return lambda g: relu(g) ** 2
     if act == "silu":
         return silu
-    raise ValueError(f'ffn_act must be "relu2" or "silu", got {act!r}')
+    raise ValueError(f"ffn_act must be one of {list(ACTIVATIONS)}, got {act!r}")
 
 
 def feed_forward(h, up, gate, down, *, act="relu2", **linear_kwargs) -> Tensor:

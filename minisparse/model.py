@@ -27,6 +27,9 @@ from .quant import quantizers
 from .sparsity import Threshold, make_sparsifier
 from .tensor import Tensor, no_grad
 
+FFNS = ("glu", "moe")
+SPARSIFY = ("topk", "threshold")
+
 
 @dataclass
 class GPTConfig:
@@ -77,13 +80,13 @@ class GPTConfig:
             self.sparsity = 1.0 - self.block[0] / self.block[1]  # N:M fixes the sparsity
         self.bits = None if self.bits is None else 1.58
         self._check_moe()
-        _one_of("sparsify", self.sparsify, ("topk", "threshold"))
+        _one_of("sparsify", self.sparsify, SPARSIFY)
         if self.sparsify == "threshold" and (self.block is not None or self.rescale != "none"):
             raise ValueError(f'sparsify "threshold" needs block null and rescale "none", got '
                              f"block={self.block!r}, rescale={self.rescale!r}")
 
     def _check_moe(self):
-        _one_of("ffn", self.ffn, ("glu", "moe"))
+        _one_of("ffn", self.ffn, FFNS)
         if self.ffn == "glu":
             if (self.n_experts, self.top_experts) != (None, None):
                 raise ValueError(f'n_experts and top_experts are for ffn "moe"; with ffn "glu" '

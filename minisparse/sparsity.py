@@ -132,9 +132,12 @@ def _mask(op, x, k, sparsity, block):
     return _topk_mask(x, k) if block is None else _block_topk_mask(x, *block)
 
 
+RESCALES = ("none", "l2")
+
+
 def _check_rescale(op, rescale):
     """The one check of SPEC 1's rescale option: "none" or "l2"."""
-    if rescale not in ("none", "l2"):
+    if rescale not in RESCALES:
         raise ValueError(f'{op}: rescale must be "none" or "l2", got {rescale!r}')
     return rescale
 

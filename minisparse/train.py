@@ -202,6 +202,9 @@ def train(model_config=None, settings=None, *, text: str | None = None, data_pat
                         settings.batch)
         history["val_loss"].append([step, loss])
         log.write(f"step {step}: val loss {loss:.4f}")
+        if config.ffn == "moe":  # fraction of the last validation batch's tokens per expert
+            log.write("  expert load: " + " | ".join(
+                " ".join(f"{f:.2f}" for f in layer) for layer in model.expert_load()))
         if callback is not None:
             callback(step, model)
         return loss

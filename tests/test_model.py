@@ -68,7 +68,7 @@ def test_block_implies_its_sparsity():
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"sparsity": float("nan")}, "sparsity must be a finite number"),
-        ({"ffn_act": "gelu"}, 'ffn_act must be "relu2" or "silu", got \'gelu\''),
+        ({"ffn_act": "gelu"}, "ffn_act must be one of ['relu2', 'silu'], got 'gelu'"),
         ({"rescale": "l1"}, 'rescale must be "none" or "l2", got \'l1\''),
         ({"bits": 2}, "bits must be None (full precision) or 1.58, got 2"),
         ({"block": [3, 2]}, "block N must be in [1, 2], got 3"),
