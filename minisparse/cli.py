@@ -531,12 +531,15 @@ def _sweep(args) -> int:
 
 def _ablate_parser(sub) -> None:
     p = sub.add_parser(
-        "ablate", help="paper ablations: ste | block | continue",
+        "ablate", help="ablations: ste | block | continue | moe | threshold",
         description="ste: top-K with STE vs masked gradient vs ReLU-only (Figs 8-9); block: "
                     "Block Q-Sparse 16:32 vs top-K 50%% vs dense (Fig 7); continue: dense "
-                    "then Q-Sparse vs Q-Sparse from scratch vs dense (section 4.2). Resumable; "
-                    "writes OUT/results.csv and OUT/KIND.png.")
-    p.add_argument("kind", choices=("ste", "block", "continue"))
+                    "then Q-Sparse vs Q-Sparse from scratch vs dense (section 4.2); moe: GLU vs "
+                    "4 experts top-1 at the same active parameters, both top-K 0.5; threshold: "
+                    "the dense model with calibrated thresholds (no training) vs Q-Sparse "
+                    "trained, at S = 0.25, 0.4, 0.5, 0.6, 0.7. Resumable; writes "
+                    "OUT/results.csv and OUT/KIND.png (moe, threshold: OUT/KIND.md, .json).")
+    p.add_argument("kind", choices=("ste", "block", "continue", "moe", "threshold"))
     p.add_argument("--out", default="runs/ablate", metavar="DIR",
                    help="output directory (runs/ablate)")
     p.add_argument("--d-model", type=_positive_int, default=64, help="model width (64)")
