@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from gradcheck import gradcheck
+from tiny import TINY, assert_backends_agree, assert_matches_oracle, tiny_model, tokens
 
 from minisparse import cli
 from minisparse.checkpoint import load_checkpoint
@@ -16,24 +17,11 @@ from minisparse.moe import route
 from minisparse.oracle import gpt_loss_and_grads
 from minisparse.tensor import Tensor
 
-TINY = dict(vocab_size=11, context=8, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32)
 MOE = dict(ffn="moe", n_experts=3, top_experts=2)
 
 
-def model_for(dtype=np.float64, seed=0, backend="numpy", **overrides):
-    """A tiny model with weights larger than the init, so routing and top-K do real work."""
-    config = GPTConfig(**{**TINY, **MOE, **overrides})
-    model = GPT(config, np.random.default_rng(seed), dtype=dtype, backend=backend)
-    rng = np.random.default_rng(seed + 1)
-    for name, p in model.named_parameters():
-        if ".tau." not in name:
-            p.data[...] = rng.normal(1.0 if p.ndim == 1 else 0.0, 0.3 if p.ndim == 2 else 0.1,
-                                     p.shape)
-    return model
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], shape)
+def model_for(**overrides):
+    return tiny_model(**{**MOE, **overrides})
 
 
 def test_route_picks_the_largest_p_with_ties_to_the_lower_index():
@@ -111,16 +99,7 @@ def test_moe_layer_gradients_match_finite_differences():
 @pytest.mark.parametrize("overrides", [{}, {"sparsity": 0.5, "bits": 1.58, "rescale": "l2"},
                                        {"top_experts": 1, "block": [2, 4]}])
 def test_engine_matches_the_oracle_in_float64(overrides):
-    model = model_for(**overrides)
-    idx, targets = tokens((2, 8)), tokens((2, 8), 1)
-    _, loss = model(idx, targets)
-    loss.backward()
-    oracle_loss, grads = gpt_loss_and_grads(model.params_dict(), model.config.to_dict(), idx,
-                                            targets)
-    assert math.isclose(oracle_loss, loss.item(), rel_tol=1e-6)
-    for name, p in model.named_parameters():
-        grad = np.zeros_like(p.data) if p.grad is None else p.grad  # an idle expert
-        np.testing.assert_allclose(grads[name], grad, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert_matches_oracle(model_for(**overrides))
 
 
 def test_an_expert_no_token_chose_gets_zero_gradients():
@@ -138,14 +117,7 @@ def test_an_expert_no_token_chose_gets_zero_gradients():
 
 @pytest.mark.parametrize("overrides", [{"sparsity": 0.5}, {"sparsity": 0.5, "bits": 1.58}])
 def test_numba_backend_equals_numpy_backend(overrides):
-    ref = model_for(**overrides)
-    fast = GPT.from_params(ref.config, ref.params_dict(), backend="numba")
-    idx, targets = tokens((2, 8)), tokens((2, 8), 1)
-    for m in (ref, fast):
-        m(idx, targets)[1].backward()
-    np.testing.assert_allclose(fast(idx)[0].data, ref(idx)[0].data, rtol=1e-10, atol=1e-12)
-    for (name, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters(), strict=True):
-        np.testing.assert_allclose(q.grad, p.grad, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert_backends_agree(model_for(**overrides))
 
 
 def test_kv_cache_decoding_equals_the_full_forward_on_both_backends():

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from gradcheck import gradcheck
+from tiny import TINY, assert_backends_agree, assert_matches_oracle, tiny_model, tokens
 
 from minisparse import cli
 from minisparse.calibrate import SITES, calibrate, collect_inputs
@@ -20,25 +21,11 @@ from minisparse.sparsity import Threshold, calibrate_threshold
 from minisparse.tensor import Tensor
 from minisparse.train import param_groups
 
-TINY = dict(vocab_size=11, context=8, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32)
 TEXT = "the cat sat on the mat. a dog ran to see it! " * 40
 
 
-def model_for(dtype=np.float64, backend="numpy", tau=0.3, seed=0, **overrides):
-    config = GPTConfig(**{**TINY, "sparsify": "threshold", "sparsity": 0.5, **overrides})
-    model = GPT(config, np.random.default_rng(seed), dtype=dtype, backend=backend)
-    rng = np.random.default_rng(seed + 1)
-    for name, p in model.named_parameters():
-        if ".tau." in name:
-            p.data[...] = tau
-        else:
-            p.data[...] = rng.normal(1.0 if p.ndim == 1 else 0.0, 0.3 if p.ndim == 2 else 0.1,
-                                     p.shape)
-    return model
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], shape)
+def model_for(tau=0.3, **overrides):
+    return tiny_model(tau=tau, **{"sparsify": "threshold", "sparsity": 0.5, **overrides})
 
 
 def test_calibration_rule_is_spec_11():
@@ -105,32 +92,18 @@ def test_threshold_linear_gradients_match_finite_differences():
 @pytest.mark.parametrize("extra", [{}, {"bits": 1.58}, {"ffn": "moe", "n_experts": 3,
                                                        "top_experts": 1}])
 def test_engine_matches_the_oracle_in_float64(extra):
-    model = model_for(**extra)
-    idx, targets = tokens((2, 8)), tokens((2, 8), 1)
-    _, loss = model(idx, targets)
-    loss.backward()
-    oracle_loss, grads = gpt_loss_and_grads(model.params_dict(), model.config.to_dict(), idx,
-                                            targets)
-    assert math.isclose(oracle_loss, loss.item(), rel_tol=1e-6)
-    for name, p in model.named_parameters():
-        grad = np.zeros_like(p.data) if p.grad is None else p.grad
-        np.testing.assert_allclose(grads[name], grad, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert_matches_oracle(model_for(**extra))
 
 
 @pytest.mark.parametrize("extra", [{}, {"bits": 1.58}])
 def test_numba_backend_equals_numpy_backend_and_decodes_packed(extra):
     ref = model_for(**extra)
-    fast = GPT.from_params(ref.config, ref.params_dict(), backend="numba")
-    idx, targets = tokens((2, 8)), tokens((2, 8), 1)
-    for m in (ref, fast):
-        m(idx, targets)[1].backward()
-    for (name, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters(), strict=True):
-        if p.grad is not None:
-            np.testing.assert_allclose(q.grad, p.grad, rtol=1e-9, atol=1e-12, err_msg=name)
-    full = ref(idx[:1])[0].data[0]
+    fast = assert_backends_agree(ref)
+    idx = tokens((1, 8))
+    full = ref(idx)[0].data[0]
     pack_model(fast)
     cache = KVCache(fast.config)
-    steps = [fast(idx[:1, t:t + 1], kv_cache=cache)[0].data[0, 0] for t in range(8)]
+    steps = [fast(idx[:, t:t + 1], kv_cache=cache)[0].data[0, 0] for t in range(8)]
     np.testing.assert_allclose(np.stack(steps), full, rtol=1e-9, atol=1e-12)
 
 
