@@ -34,7 +34,8 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .tensor import no_grad
 
 CKPT_NAME = "ckpt.npz"
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "ffn", "n_experts",
+                "sparsify")
 
 
 @dataclass

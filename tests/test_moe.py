@@ -160,3 +160,17 @@ def test_cli_trains_an_moe_model_and_reports_it(tmp_path, capsys):
     assert cli.main(["eval", str(out / "ckpt.npz"), "--batches", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["expert_load"]) == 1 and math.isclose(sum(report["expert_load"][0]), 1)
+
+
+def test_init_from_cannot_switch_the_feed_forward(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    common = ["--data", str(data), "--d-model", "16", "--n-layers", "1", "--n-heads", "1",
+              "--context", "8", "--iters", "2", "--final-eval-batches", "1", "--quiet",
+              "--backend", "numpy"]
+    assert cli.main(["train", "--out", str(tmp_path / "glu"), *common]) == 0
+    argv = ["train", "--out", str(tmp_path / "moe"), "--init-from",
+            str(tmp_path / "glu" / "ckpt.npz"), "--ffn", "moe", "--experts", "2",
+            "--top-experts", "1", *common]
+    assert cli.main(argv) == 1
+    assert "cannot init from a checkpoint and change ffn 'glu' -> 'moe'" in capsys.readouterr().err
