@@ -251,9 +251,6 @@ class Dense(Sparsifier):
     def __call__(self, a):
         return a
 
-    def mask(self, a):
-        return np.ones(a.shape, dtype=bool)
-
 
 class TopK(Sparsifier):
     """SPEC 1: per row keep the K largest |a| (ties: lower index), K = k or K(S, D); re-scale."""

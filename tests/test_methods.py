@@ -130,3 +130,11 @@ def test_pack_model_fails_loudly_on_an_unknown_method():
         pack_model(model)
     with pytest.raises(TypeError, match="no fast kernel for the sparsifier Halve"):
         model(np.zeros((1, 2), int))
+
+
+def test_sparsifiers_name_their_oracle_op():
+    from minisparse.oracle.harness import OPS
+
+    assert TopK(k=1).oracle_op in OPS and BlockTopK((1, 2)).oracle_op in OPS
+    assert Threshold(Tensor(np.float64(0))).oracle_op == "threshold"  # SPEC 11; not in OPS yet
+    assert Dense().oracle_op is None

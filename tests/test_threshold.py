@@ -38,10 +38,13 @@ def test_calibration_rule_is_spec_11():
         calibrate_threshold(a, 1.0)
 
 
-def test_the_mask_is_strict():
-    x = np.array([[0.5, -0.5, 0.25, 1.0]])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_the_mask_is_strict_on_both_backends(backend):
+    x = np.array([[0.5, -0.5, 0.25, 1.0], [-2.0, 0.5, 0.0, 0.75]])
     np.testing.assert_array_equal(Threshold(Tensor(np.float64(0.5))).mask(x),
-                                  [[False, False, False, True]])
+                                  [[False, False, False, True], [True, False, False, True]])
+    layer = SparseLinear(Tensor(np.eye(4)), Threshold(Tensor(np.float64(0.5))), backend=backend)
+    np.testing.assert_array_equal(layer(Tensor(x)).data, np.where(np.abs(x) > 0.5, x, 0))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
