@@ -186,7 +186,11 @@ def topk_backward(grad_y, mask, r, ste=True):
 def threshold_mask(x, tau):
     """Bool mask [..., D]: |x| > tau (strict, so entries equal to tau are dropped; SPEC 11)."""
     check_finite("threshold_mask", "x", check_float_array("threshold_mask", "x", x))
-    return np.abs(x) > _check_tau("threshold_mask", tau)
+    return _threshold_mask(x, _check_tau("threshold_mask", tau))
+
+
+def _threshold_mask(x, tau):
+    return np.abs(x) > tau
 
 
 def _check_tau(op, tau):
@@ -317,7 +321,7 @@ class Threshold(Sparsifier):
         return _k_for("Threshold", d_in, None, self.target)  # the calibration target, not measured
 
     def mask(self, a):
-        return np.abs(a) > _check_tau("Threshold", self.tau.data)
+        return _threshold_mask(a, _check_tau("Threshold", self.tau.data))
 
 
 def make_sparsifier(*, sparsity=0.0, k=None, block=None, rescale="none", ste=True):

@@ -17,7 +17,7 @@ from minisparse.linear import SparseLinear
 from minisparse.model import GPT, GPTConfig, KVCache
 from minisparse.optim import AdamW
 from minisparse.oracle import gpt_loss_and_grads
-from minisparse.sparsity import Threshold, calibrate_threshold
+from minisparse.sparsity import Threshold, calibrate_threshold, threshold_mask
 from minisparse.tensor import Tensor
 from minisparse.train import param_groups
 
@@ -36,6 +36,16 @@ def test_calibration_rule_is_spec_11():
     assert calibrate_threshold(a[:10], 0.7) == 7.0  # 0.7 * 10 = 7.000000000000001 -> j = 7
     with pytest.raises(ValueError, match="sparsity must be in"):
         calibrate_threshold(a, 1.0)
+
+
+def test_threshold_mask_reference_checks_its_arguments():
+    x = np.array([[0.5, -0.6]])
+    np.testing.assert_array_equal(threshold_mask(x, 0.5), [[False, True]])
+    for bad in (-0.1, np.nan, np.array([0.5]), 1):
+        with pytest.raises(ValueError, match="threshold_mask: tau must be a finite float"):
+            threshold_mask(x, bad)
+    with pytest.raises(ValueError, match="x must be finite"):
+        threshold_mask(np.array([np.inf]), 0.5)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

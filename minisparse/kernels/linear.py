@@ -30,7 +30,7 @@ from ..quant import (
     TernaryAbsmean,
     _absmean,  # no finiteness check: training must reach its own loss check
 )
-from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor
+from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor, _threshold_mask
 from ..tensor import Tensor
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
@@ -128,7 +128,7 @@ def _prepare(x2, k, block, tau, rescale, bits):
     mask = r = None
     ya = a
     if tau is not None:  # SPEC 11: |A(X)| > tau, r = 1
-        mask = np.abs(a) > tau
+        mask = _threshold_mask(a, tau)
         ya = np.where(mask, a, 0)
     elif k is not None or block is not None:
         mask, ya = topk_select(a, k, block)
@@ -170,7 +170,7 @@ class PackedLinear:
 def _kept(a, k, tau):
     """Indices a token a [D_in] keeps: |a| > tau (SPEC 11), its top-k (SPEC 1), or all."""
     if tau is not None:
-        return np.flatnonzero(np.abs(a) > tau)
+        return np.flatnonzero(_threshold_mask(a, tau))
     return np.arange(a.shape[0]) if k is None else topk_indices(a, k)
 
 
