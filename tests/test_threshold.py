@@ -7,18 +7,21 @@ import math
 import numpy as np
 import pytest
 from gradcheck import gradcheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny import TINY, assert_backends_agree, assert_matches_oracle, tiny_model, tokens
 
 from minisparse import cli
 from minisparse.calibrate import SITES, calibrate, collect_inputs
 from minisparse.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from minisparse.kernels import pack_model
+from minisparse.kernels import pack_linear, pack_model
 from minisparse.linear import SparseLinear
 from minisparse.model import GPT, GPTConfig, KVCache
 from minisparse.optim import AdamW
 from minisparse.oracle import gpt_loss_and_grads
+from minisparse.quant import quantizers
 from minisparse.sparsity import Threshold, calibrate_threshold, threshold_mask
-from minisparse.tensor import Tensor
+from minisparse.tensor import Tensor, no_grad
 from minisparse.train import param_groups
 
 TEXT = "the cat sat on the mat. a dog ran to see it! " * 40
@@ -180,3 +183,29 @@ def test_cli_calibrate_then_eval_and_sample_report_the_measured_sparsity(tmp_pat
     assert "calibration target" in capsys.readouterr().out
     assert cli.main(["calibrate", str(out), "--sparsity", "1.5", "--out", str(out)]) == 1
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [None, 1.58])
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), ste=st.booleans(), pick=st.integers(0, 39))
+def test_fused_threshold_linear_equals_reference(bits, seed, ste, pick):
+    """Inputs on a grid of halves and tau one of the |x| values: ties at tau on every draw."""
+    rng = np.random.default_rng(seed)
+    x = (np.round(rng.standard_normal((2, 3, 40)) * 2) / 2).astype(np.float32)
+    w = rng.standard_normal((9, 40)).astype(np.float32)
+    g = rng.standard_normal((2, 3, 9)).astype(np.float32)
+    tau = Tensor(np.abs(x.reshape(-1, 40)[0, pick]))
+    act_quant, weight_quant = quantizers(bits)
+    out = {}
+    for backend in ("numpy", "numba"):
+        xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+        layer = SparseLinear(wt, Threshold(tau, ste=ste), act_quant, weight_quant, backend)
+        y = layer(xt)
+        y.backward(g)
+        out[backend] = (y.data, xt.grad, wt.grad)
+        with no_grad():  # the packed single-token path
+            wt.packed = pack_linear(w, bits)
+            out[backend + "-row"] = layer(Tensor(x[:1, :1])).data
+    for name, a, b in zip(("y", "dx", "dw"), out["numba"], out["numpy"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(out["numba-row"], out["numpy"][0][:1, :1], rtol=1e-5, atol=1e-5)
