@@ -10,6 +10,7 @@ everything else (a last-resort handler turns any unexpected exception into that 
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -19,12 +20,14 @@ import threading
 import numpy as np
 
 from . import __version__
+from .backend import BACKENDS, default_backend
 from .checkpoint import load_checkpoint, param_count
-from .data import CharTokenizer, make_dataset
+from .data import CharTokenizer, get_batch, make_dataset
 from .generate import sample_tokens
-from .kernels import default_backend, pack_model
-from .linear import BACKENDS
-from .model import GPT, GPTConfig, count_params
+from .linear import ACTIVATIONS
+from .model import FFNS, GPT, GPTConfig, count_params
+from .sparsity import RESCALES
+from .tensor import no_grad
 from .train import TrainSettings, evaluate, resolve_text, train
 
 DEFAULT_OUT = "runs/default"
@@ -96,6 +99,7 @@ def build_parser() -> Parser:
     _sample_parser(sub)
     _eval_parser(sub)
     _info_parser(sub)
+    _calibrate_parser(sub)
     # --- oracle commands --- (register parsers here; define them in the section below)
     _vectors_parser(sub)
     _check_parser(sub)
@@ -152,7 +156,8 @@ def _int_at_least(text: str, low: int, what: str) -> int:
 
 # the flags (argparse dests) that set GPTConfig fields; shared by train and info
 MODEL_FLAGS = ("context", "d_model", "n_layers", "n_heads", "ffn_hidden", "ffn_act",
-               "sparsity", "block", "rescale", "bits")
+               "sparsity", "block", "rescale", "bits", "ffn", "n_experts", "top_experts",
+               "moe_aux")
 
 
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
@@ -173,15 +178,23 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help=f"attention heads ({d['n_heads']})")
     g.add_argument("--ffn-hidden", type=_positive_int, metavar="N",
                    help="FFN width (16*round(8d/3/16))")
-    g.add_argument("--ffn-act", choices=("relu2", "silu"),
+    g.add_argument("--ffn-act", choices=ACTIVATIONS,
                    help=f"FFN gate activation ({d['ffn_act']})")
     g.add_argument("--sparsity", type=float, metavar="S",
                    help=f"top-K sparsity in [0, 1) ({d['sparsity']:g})")
     g.add_argument("--block", type=_block, metavar="N:M", help="block top-K, e.g. 16:32")
-    g.add_argument("--rescale", choices=("none", "l2"),
+    g.add_argument("--rescale", choices=RESCALES,
                    help=f"re-scale after top-K ({d['rescale']})")
     g.add_argument("--bits", type=_bits, metavar="1.58|none",
                    help=f"1.58: ternary weights + int8 activations ({d['bits'] or 'none'})")
+    g.add_argument("--ffn", choices=FFNS, help="feed-forward: one GLU or a mixture of GLU "
+                   f"experts ({d['ffn']})")
+    g.add_argument("--experts", dest="n_experts", type=_positive_int, metavar="E",
+                   help="experts per MoE layer (with --ffn moe)")
+    g.add_argument("--top-experts", dest="top_experts", type=_positive_int, metavar="K",
+                   help="experts each token is routed to (with --ffn moe)")
+    g.add_argument("--moe-aux", type=float, metavar="X",
+                   help=f"weight of the load-balancing loss ({d['moe_aux']:g})")
 
 
 def _add_backend_flag(p: argparse.ArgumentParser) -> None:
@@ -304,18 +317,27 @@ def _sample(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     model = _model(ckpt, args.backend)
     if (args.backend or default_backend()) == "numba":
+        from .kernels import pack_model
+
         pack_model(model)  # decode GEMVs read packed weights: kept rows only, 2-bit ternary
     tokenizer = CharTokenizer(ckpt.vocab)
     tokens = sample_tokens(model, tokenizer.encode(args.prompt), args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k,
                            rng=np.random.default_rng(args.seed))
+    ids = [int(i) for i in tokenizer.encode(args.prompt)]
     first = next(tokens, None)  # validates the options before the prompt is echoed
     print(args.prompt, end="", flush=True)
     if first is not None:
-        print(tokenizer.decode([first]), end="", flush=True)
-        for token in tokens:  # one character at a time, as it is generated
+        for token in itertools.chain([first], tokens):  # one character at a time, as generated
+            ids.append(token)
             print(tokenizer.decode([token]), end="", flush=True)
     print(flush=True)
+    if ckpt.config.sparsify == "threshold":
+        from .sweep import activation_sparsity
+
+        window = np.array([ids[-ckpt.config.context:]])
+        print(f"measured activation sparsity {activation_sparsity(model, [window]):.4f} "
+              f"(calibration target {ckpt.config.sparsity:g})", file=sys.stderr)
     return 0
 
 
@@ -354,8 +376,35 @@ def _eval(args) -> int:
     batch = saved.batch if args.batch is None else args.batch
     model = _model(ckpt, args.backend)
     loss = evaluate(model, data.val, np.random.default_rng(seed), args.batches, batch)
-    print(json.dumps({"val_loss": loss}) if args.json else f"val loss {loss:.4f}")
+    report = {"val_loss": loss, **_measured(model, data.val, seed, batch)}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"val loss {loss:.4f}")
+    if "act_sparsity" in report:
+        print(f"measured activation sparsity {report['act_sparsity']:.4f} (calibration target "
+              f"{model.config.sparsity:g})")
+    if "expert_load" in report:
+        for i, load in enumerate(report["expert_load"]):
+            print(f"layer {i} expert load {' '.join(f'{f:.3f}' for f in load)}")
     return 0
+
+
+def _measured(model, val, seed, batch) -> dict:
+    """What eval measures besides the loss, on one validation batch: the activation sparsity of
+    a thresholded model (it varies per token), and each MoE layer's fraction of tokens per
+    expert."""
+    out = {}
+    idx = get_batch(np.random.default_rng(seed), val, batch, model.config.context)[0]
+    if model.config.sparsify == "threshold":
+        from .sweep import activation_sparsity
+
+        out["act_sparsity"] = activation_sparsity(model, [idx])
+    if model.config.ffn == "moe":
+        with no_grad():
+            model(idx)
+        out["expert_load"] = model.expert_load()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,8 +445,49 @@ def _info(args) -> int:
     for key, value in {**config.to_dict(), **extra}.items():
         print(f"{key:>16}: {value}")
     print(f"{'N':>16}: {counts['N']:,} parameters")
-    print(f"{'N_a':>16}: {counts['N_a']:,} activated per token")
+    print(f"{'N_a':>16}: {counts['N_a']:,} activated per token"
+          + (" (thresholds: K_in at the calibration target sparsity; the real count varies "
+             "per token, eval measures it)" if config.sparsify == "threshold" else "")
+          + (f" (router + {config.top_experts} of {config.n_experts} experts)"
+             if config.ffn == "moe" else ""))
     print(f"{'overall sparsity':>16}: {counts['sparsity']:.2%} (1 - N_a/N over the projections)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _calibrate_parser(sub) -> None:
+    from .calibrate import DEFAULT_TOKENS
+
+    p = sub.add_parser("calibrate", help="training-free threshold sparsity (SPEC section 11)",
+                       description="Calibrate one threshold per projection input of every "
+                                   "block from one forward pass over training-split tokens, "
+                                   "and write the thresholded model to OUT.")
+    p.add_argument("checkpoint", help="a .npz checkpoint (e.g. a dense model)")
+    p.add_argument("--sparsity", type=float, required=True, metavar="S",
+                   help="target activation sparsity in [0, 1)")
+    p.add_argument("--out", required=True, metavar="NEW.npz", help="checkpoint to write")
+    p.add_argument("--tokens", type=_positive_int, default=DEFAULT_TOKENS, metavar="N",
+                   help=f"calibration tokens, whole windows of the context ({DEFAULT_TOKENS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (0)")
+    p.add_argument("--data", metavar="PATH",
+                   help="UTF-8 text whose first 90%% is the training split (default: the "
+                        "checkpoint's training data)")
+    p.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    text, _ = resolve_text(None, args.data, ckpt.data)
+    new, taus = calibrate(ckpt, args.sparsity, text, tokens=args.tokens, seed=args.seed)
+    save_checkpoint(args.out, new)
+    print(f"calibrated {len(taus)} thresholds for sparsity {args.sparsity:g} on "
+          f"{new.history['calibration']['tokens']} tokens: {args.out}")
     return 0
 
 
@@ -556,12 +646,15 @@ def _sweep(args) -> int:
 
 def _ablate_parser(sub) -> None:
     p = sub.add_parser(
-        "ablate", help="paper ablations: ste | block | continue",
+        "ablate", help="ablations: ste | block | continue | moe | threshold",
         description="ste: top-K with STE vs masked gradient vs ReLU-only (Figs 8-9); block: "
                     "Block Q-Sparse 16:32 vs top-K 50%% vs dense (Fig 7); continue: dense "
-                    "then Q-Sparse vs Q-Sparse from scratch vs dense (section 4.2). Resumable; "
-                    "writes OUT/results.csv and OUT/KIND.png.")
-    p.add_argument("kind", choices=("ste", "block", "continue"))
+                    "then Q-Sparse vs Q-Sparse from scratch vs dense (section 4.2); moe: GLU vs "
+                    "4 experts top-1 at the same active parameters, both top-K 0.5; threshold: "
+                    "the dense model with calibrated thresholds (no training) vs Q-Sparse "
+                    "trained, at S = 0.25, 0.4, 0.5, 0.6, 0.7. Resumable; writes "
+                    "OUT/results.csv and OUT/KIND.png (moe, threshold: OUT/KIND.md, .json).")
+    p.add_argument("kind", choices=("ste", "block", "continue", "moe", "threshold"))
     p.add_argument("--out", default="runs/ablate", metavar="DIR",
                    help="output directory (runs/ablate)")
     p.add_argument("--d-model", type=_positive_int, default=64, help="model width (64)")

@@ -2,7 +2,10 @@
 
 Reading order: the config, the parameter names and counts (SPEC sections 6-7), then RoPE,
 the KV cache, attention, the feed-forward block, the transformer block and the GPT itself.
-Every projection is the functional ``sparse_linear`` of SPEC section 5 on a raw Parameter.
+Every projection is a ``SparseLinear`` (SPEC section 5) holding its weight and its method
+objects (sparsifier, activation and weight quantizers), built from the config in one place
+(``Methods``). The module tree is the one description of the model: parameter names, shapes and
+the counts N, N_a are read off it (a tree of zero-stride arrays when only shapes are needed).
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import resolve_backend
 from .functions import cross_entropy, embedding, masked_fill, rmsnorm, softmax
-from .linear import feed_forward, sparse_linear
+from .linear import SparseLinear, glu_activation
+from .moe import MoE
 from .nn import Module, Parameter
-from .sparsity import k_for
+from .quant import quantizers
+from .sparsity import Threshold, make_sparsifier
 from .tensor import Tensor, no_grad
+
+FFNS = ("glu", "moe")
+SPARSIFY = ("topk", "threshold")
 
 
 @dataclass
@@ -39,6 +48,11 @@ class GPTConfig:
     bits: float | None = None  # None (full precision) | 1.58 (ternary weights, int8 activations)
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    ffn: str = "glu"  # "glu" | "moe" (mixture of GLU experts, SPEC section 6)
+    n_experts: int | None = None  # E >= 2 when ffn == "moe"
+    top_experts: int | None = None  # k_e, 1 <= k_e <= E, when ffn == "moe"
+    moe_aux: float = 0.01  # weight of the mean per-layer load-balancing loss
+    sparsify: str = "topk"  # "topk" (sparsity / block) | "threshold" (SPEC 11: per-input tau)
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "d_model", "n_layers", "n_heads"):
@@ -55,45 +69,36 @@ class GPTConfig:
                     f"the default ffn_hidden is 0 for d_model={self.d_model}; set ffn_hidden"
                 )
         self.ffn_hidden = _positive_int("ffn_hidden", self.ffn_hidden)
-        _one_of("ffn_act", self.ffn_act, ("relu2", "silu"))
-        _one_of("rescale", self.rescale, ("none", "l2"))
-        self.sparsity = _real("sparsity", self.sparsity)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
-        if self.block is not None:
-            self._check_block()
-        if self.bits is not None and _real("bits", self.bits) != 1.58:
-            raise ValueError(f"bits must be null (full precision) or 1.58, got {self.bits!r}")
-        self.bits = None if self.bits is None else 1.58
+        for name in ("sparsity", "moe_aux", "rope_base", "norm_eps"):
+            setattr(self, name, _real(name, getattr(self, name)))
         for name in ("rope_base", "norm_eps"):
-            value = _real(name, getattr(self, name))
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-            setattr(self, name, value)
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        Methods(self)  # the method objects validate sparsity, block, rescale, bits and ffn_act
+        self.block = None if self.block is None else tuple(int(b) for b in self.block)
+        if self.block is not None and self.sparsity == 0.0:
+            self.sparsity = 1.0 - self.block[0] / self.block[1]  # N:M fixes the sparsity
+        self.bits = None if self.bits is None else 1.58
+        self._check_moe()
+        _one_of("sparsify", self.sparsify, SPARSIFY)
+        if self.sparsify == "threshold" and (self.block is not None or self.rescale != "none"):
+            raise ValueError(f'sparsify "threshold" needs block null and rescale "none", got '
+                             f"block={self.block!r}, rescale={self.rescale!r}")
 
-    def _check_block(self):
-        block = self.block
-        if isinstance(block, str) or len(block) != 2:
-            raise ValueError(f"block must be null or [N, M], got {block!r}")
-        n, m = (_positive_int(f"block[{i}]", b) for i, b in enumerate(block))
-        if n > m:
-            raise ValueError(f"block N:M needs N <= M, got {n}:{m}")
-        for name in ("d_model", "ffn_hidden"):
-            size = getattr(self, name)
-            if size % m:
-                raise ValueError(
-                    f"block M={m} must divide every projection input size, but {name}={size}"
-                    f" (a multiple of {m} such as {m * max(1, round(size / m))} would do)"
-                )
-        # N:M keeps N of every M inputs, so it fixes the sparsity; 0 means "implied by block".
-        implied = 1.0 - n / m
-        if self.sparsity == 0.0:
-            self.sparsity = implied
-        elif abs(self.sparsity - implied) > 1e-9:
-            raise ValueError(
-                f"block {n}:{m} implies sparsity {implied:g}, but sparsity={self.sparsity:g}"
-            )
-        self.block = (n, m)
+    def _check_moe(self):
+        _one_of("ffn", self.ffn, FFNS)
+        if self.ffn == "glu":
+            if (self.n_experts, self.top_experts) != (None, None):
+                raise ValueError(f'n_experts and top_experts are for ffn "moe"; with ffn "glu" '
+                                 f"they must be null, got {self.n_experts!r}, {self.top_experts!r}")
+            return
+        self.n_experts = _positive_int("n_experts", self.n_experts)
+        self.top_experts = _positive_int("top_experts", self.top_experts)
+        if self.n_experts < 2 or self.top_experts > self.n_experts:
+            raise ValueError(f"ffn moe needs n_experts >= 2 and 1 <= top_experts <= n_experts, "
+                             f"got n_experts={self.n_experts}, top_experts={self.top_experts}")
+        if self.moe_aux < 0:
+            raise ValueError(f"moe_aux must be >= 0, got {self.moe_aux!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
@@ -134,40 +139,52 @@ def _one_of(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+class Methods:
+    """The method objects of a config's projections, built (and so validated) in one place:
+    the quantizers (``bits``), the sparsifier (top-K / N:M, or SPEC 11 thresholds) and the GLU
+    activation. ``linear(weight, tau)`` makes one SparseLinear."""
+
+    def __init__(self, config: GPTConfig, ste: bool = True, backend=None):
+        self.act_quant, self.weight_quant = quantizers(config.bits)
+        self.activation = glu_activation(config.ffn_act)
+        self.ste, self.backend, self.target = ste, backend, config.sparsity
+        if config.sparsify == "threshold":
+            self.topk = None
+            Threshold(Tensor(np.zeros(())), target=config.sparsity, ste=ste)  # checks S and ste
+            return
+        self.topk = make_sparsifier(sparsity=config.sparsity, block=config.block,
+                                    rescale=config.rescale, ste=ste)
+        for name in ("d_model", "ffn_hidden"):  # N:M needs M | every projection input size
+            size = getattr(config, name)
+            try:
+                self.topk.kept_inputs(size)
+            except ValueError as e:
+                m = self.topk.m
+                raise ValueError(f"{e}: {name}={size} (a multiple of {m} such as "
+                                 f"{m * max(1, round(size / m))} would do)") from None
+
+    def linear(self, weight: Parameter, tau: Parameter | None = None) -> SparseLinear:
+        """A SparseLinear on ``weight``; with ``tau`` (threshold configs) its SPEC 11 mask."""
+        sparsifier = self.topk if self.topk is not None else \
+            Threshold(tau, target=self.target, ste=self.ste)
+        return SparseLinear(weight, sparsifier, self.act_quant, self.weight_quant, self.backend)
+
+
 # ---------------------------------------------------------------------------------------------
-# Parameter names, shapes and counts (SPEC sections 6-7)
+# Parameter names, shapes and counts (SPEC sections 6-7), read off the module tree
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """SPEC section 6 parameter names -> shapes, in the order of GPT.named_parameters()."""
-    c = config
-    d, h = c.d_model, c.ffn_hidden
-    shapes = {"tok_emb": (c.vocab_size, d)}
-    for i in range(c.n_layers):
-        p = f"blocks.{i}."
-        shapes[p + "attn_norm"] = (d,)
-        shapes.update({f"{p}attn.{name}": (d, d) for name in "qkvo"})
-        shapes[p + "ffn_norm"] = (d,)
-        shapes.update({p + "ffn.up": (h, d), p + "ffn.gate": (h, d), p + "ffn.down": (d, h)})
-    shapes["norm"] = (d,)
-    return shapes
+    return {name: p.shape for name, p in _skeleton(config).named_parameters()}
 
 
 def count_params(config: GPTConfig) -> dict:
     """SPEC section 7: N (all), N_a (activated), and the overall sparsity 1 - N_a/N of the
-    seven projections. A projection W [D_out, D_in] activates K_in * D_out weights."""
-    c = config
-    n = n_a = n_proj = n_proj_a = 0
-    for name, shape in param_shapes(c).items():
-        size = math.prod(shape)
-        n += size
-        if len(shape) == 2 and name != "tok_emb":
-            d_out, d_in = shape
-            n_proj += size
-            n_proj_a += _kept_inputs(c, d_in) * d_out
-        else:  # embeddings and norms count in full
-            n_a += size
-    n_a += n_proj_a
+    projections. A projection W [D_out, D_in] activates K_in * D_out weights (K_in: its
+    sparsifier's kept inputs; for thresholds, the calibration target); an MoE layer activates
+    its router and k_e of its E experts."""
+    n, n_a, n_proj, n_proj_a = (int(c) for c in _count(_skeleton(config)))
     return {
         "N": n,
         "N_a": n_a,
@@ -177,14 +194,34 @@ def count_params(config: GPTConfig) -> dict:
     }
 
 
-def _kept_inputs(config: GPTConfig, d_in: int) -> int:
-    """K_in: how many of a projection's d_in inputs survive top-K (or N:M block top-K)."""
-    if config.block is not None:
-        n, m = config.block
-        return d_in // m * n
-    if config.sparsity == 0.0:
-        return d_in
-    return k_for(d_in, sparsity=config.sparsity)
+def _count(module: Module) -> np.ndarray:
+    """[N, N_a, N_proj, N_a_proj] of a module: SparseLinear counts K_in * D_out active; any other
+    Parameter counts in full; an MoE's experts count k_e / E of their active weights."""
+    if isinstance(module, SparseLinear):
+        size, active = module.weight.size, module.kept_inputs() * module.weight.shape[0]
+        return np.array([size, active, size, active], dtype=np.int64)
+    own = sum(p.size for p in vars(module).values() if isinstance(p, Parameter))
+    total = np.array([own, own, 0, 0], dtype=np.int64)
+    for child in module.children():
+        counts = _count(child)
+        if isinstance(module, MoE):  # identical experts: k_e of E active, exactly
+            counts[[1, 3]] = counts[[1, 3]] * module.top_experts // len(module.experts)
+        total += counts
+    return total
+
+
+def _skeleton(config: GPTConfig) -> GPT:
+    """The model tree with zero-stride parameter arrays (shapes only, nothing allocated)."""
+    if isinstance(config, dict):
+        config = GPTConfig.from_dict(config)
+    return GPT(config, _ShapesOnly(), dtype=np.float64, backend="numpy")
+
+
+class _ShapesOnly:
+    """Stands in for the init RNG when only shapes are needed: a broadcast 0 of any shape."""
+
+    def normal(self, loc, scale, size):
+        return np.broadcast_to(np.float64(0.0), size)
 
 
 def check_params(config: GPTConfig, params: dict) -> np.dtype:
@@ -270,20 +307,21 @@ class KVCache:
 
 def _normal(rng, shape, std, dtype) -> Parameter:
     """SPEC section 6 init: a normal(0, std) matrix."""
-    return Parameter(rng.normal(0.0, std, shape).astype(dtype))
+    return Parameter(rng.normal(0.0, std, shape).astype(dtype, copy=False))
 
 
 class Attention(Module):
     """Causal multi-head self-attention with RoPE; q, k, v, o are SparseLinear (SPEC §5)."""
 
-    def __init__(self, config: GPTConfig, rng, dtype, linear: dict):
+    def __init__(self, config: GPTConfig, rng, dtype, methods: Methods, taus=None):
         d, std = config.d_model, 0.02
-        self.q = _normal(rng, (d, d), std, dtype)
-        self.k = _normal(rng, (d, d), std, dtype)
-        self.v = _normal(rng, (d, d), std, dtype)
-        self.o = _normal(rng, (d, d), std / math.sqrt(2 * config.n_layers), dtype)
+        tau_in, tau_o = (None, None) if taus is None else (taus.attn_in, taus.attn_o)
+        self.q = methods.linear(_normal(rng, (d, d), std, dtype), tau_in)
+        self.k = methods.linear(_normal(rng, (d, d), std, dtype), tau_in)
+        self.v = methods.linear(_normal(rng, (d, d), std, dtype), tau_in)
+        self.o = methods.linear(_normal(rng, (d, d), std / math.sqrt(2 * config.n_layers), dtype),
+                                tau_o)
         self.n_heads = config.n_heads
-        self.linear = linear
 
     def forward(self, h, cos, sin, future, kv_cache=None, layer=0):
         """h (B, T, d) -> (B, T, d); ``future`` (T, S) is True where a query may not look."""
@@ -291,8 +329,8 @@ class Attention(Module):
         H, dh = self.n_heads, d // self.n_heads
         q, k, v = (
             # (B, T, d) -> (B, T, H, dh) -> (B, H, T, dh)
-            sparse_linear(h, w, **self.linear).reshape(B, T, H, dh).transpose(1, 2)
-            for w in (self.q, self.k, self.v)
+            proj(h).reshape(B, T, H, dh).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
         )
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if kv_cache is not None:  # decoding: attend to the cached positions too
@@ -300,32 +338,56 @@ class Attention(Module):
         att = (q * (1.0 / math.sqrt(dh))) @ k.transpose(-1, -2)  # (B, H, T, S)
         att = softmax(masked_fill(att, future, -np.inf), axis=-1)
         a = (att @ v).transpose(1, 2).reshape(B, T, d)  # (B, H, T, dh) -> (B, T, d)
-        return sparse_linear(a, self.o, **self.linear)
+        return self.o(a)
 
 
 class FeedForward(Module):
     """GLU feed-forward: down(up(h) * act(gate(h))), act = relu² (Q-Sparse eq. 11) or silu."""
 
-    def __init__(self, config: GPTConfig, rng, dtype, linear: dict):
+    def __init__(self, config: GPTConfig, rng, dtype, methods: Methods, taus=None):
         d, f, std = config.d_model, config.ffn_hidden, 0.02
-        self.up = _normal(rng, (f, d), std, dtype)
-        self.gate = _normal(rng, (f, d), std, dtype)
-        self.down = _normal(rng, (d, f), std / math.sqrt(2 * config.n_layers), dtype)
-        self.act = config.ffn_act
-        self.linear = linear
+        tau_in, tau_down = (None, None) if taus is None else (taus.ffn_in, taus.ffn_down)
+        self.up = methods.linear(_normal(rng, (f, d), std, dtype), tau_in)
+        self.gate = methods.linear(_normal(rng, (f, d), std, dtype), tau_in)
+        self.down = methods.linear(
+            _normal(rng, (d, f), std / math.sqrt(2 * config.n_layers), dtype), tau_down)
+        self.activation = methods.activation
 
     def forward(self, h):
-        return feed_forward(h, self.up, self.gate, self.down, act=self.act, **self.linear)
+        """h (..., d) -> (..., d) through (..., ffn_hidden)."""
+        return self.down(self.up(h) * self.activation(self.gate(h)))
+
+
+class Thresholds(Module):
+    """SPEC 11's thresholds of one block, one per distinct projection input: 0-d Parameters
+    that nothing differentiates (they stay out of the graph, so AdamW never updates them)."""
+
+    def __init__(self, dtype):
+        self.attn_in = Parameter(np.zeros((), dtype))  # q, k, v
+        self.attn_o = Parameter(np.zeros((), dtype))
+        self.ffn_in = Parameter(np.zeros((), dtype))  # up, gate (every expert's, with MoE)
+        self.ffn_down = Parameter(np.zeros((), dtype))
 
 
 class Block(Module):
-    """Pre-norm transformer block: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x))."""
+    """Pre-norm transformer block: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)); the ffn is
+    one GLU or a mixture of GLU experts (MoE)."""
 
-    def __init__(self, config: GPTConfig, rng, dtype, linear: dict):
-        self.attn_norm = Parameter(np.ones(config.d_model, dtype))
-        self.attn = Attention(config, rng, dtype, linear)
-        self.ffn_norm = Parameter(np.ones(config.d_model, dtype))
-        self.ffn = FeedForward(config, rng, dtype, linear)
+    def __init__(self, config: GPTConfig, rng, dtype, methods: Methods):
+        d = config.d_model
+        taus = Thresholds(dtype) if config.sparsify == "threshold" else None
+        self.attn_norm = Parameter(np.ones(d, dtype))
+        self.attn = Attention(config, rng, dtype, methods, taus)
+        self.ffn_norm = Parameter(np.ones(d, dtype))
+        if config.ffn == "moe":
+            router = _normal(rng, (config.n_experts, d), 0.02, dtype)
+            experts = [FeedForward(config, rng, dtype, methods, taus)
+                       for _ in range(config.n_experts)]
+            self.ffn = MoE(router, experts, config.top_experts)
+        else:
+            self.ffn = FeedForward(config, rng, dtype, methods, taus)
+        if taus is not None:
+            self.tau = taus
         self.eps = config.norm_eps
 
     def forward(self, x, cos, sin, future, kv_cache=None, layer=0):
@@ -348,16 +410,11 @@ class GPT(Module):
         with the masked top-K gradient (Q-Sparse eq. 12) instead of the STE (eq. 13)."""
         if isinstance(config, dict):
             config = GPTConfig.from_dict(config)
-        if not isinstance(ste, bool):
-            raise TypeError(f"GPT: ste must be True or False, got {ste!r}")
         rng = np.random.default_rng() if rng is None else rng
         self.config = config
-        # one dict of sparse_linear options, shared by every projection (see observe())
-        self.linear = dict(sparsity=config.sparsity, k=None, block=config.block,
-                           rescale=config.rescale, bits=config.bits, ste=ste, backend=backend,
-                           observe=None)
+        methods = Methods(config, ste, None if backend is None else resolve_backend(backend))
         self.tok_emb = _normal(rng, (config.vocab_size, config.d_model), 0.02, dtype)
-        self.blocks = [Block(config, rng, dtype, self.linear) for _ in range(config.n_layers)]
+        self.blocks = [Block(config, rng, dtype, methods) for _ in range(config.n_layers)]
         self.norm = Parameter(np.ones(config.d_model, dtype))
         self.rope_cos, self.rope_sin = rope_tables(config, np.arange(config.context), dtype)
 
@@ -375,7 +432,9 @@ class GPT(Module):
     def observe(self, fn) -> None:
         """From now on every projection calls ``fn(a, d_in, d_out)`` with the input it
         multiplies, a = sparsify(A(X)) [..., D_in] (SPEC 5; read-only); None stops."""
-        self.linear["observe"] = fn
+        for _, module in self.named_modules():
+            if isinstance(module, SparseLinear):
+                module.observe = fn
 
     def params_dict(self) -> dict[str, np.ndarray]:
         """SPEC name -> a copy of the parameter array."""
@@ -407,4 +466,13 @@ class GPT(Module):
             kv_cache.length += T
         logits = rmsnorm(x, self.norm, self.config.norm_eps) @ self.tok_emb.T  # (B, T, V)
         loss = None if targets is None else cross_entropy(logits, targets)
+        if loss is not None and self.config.ffn == "moe":  # + moe_aux * mean over layers
+            aux = sum((block.ffn.aux for block in self.blocks[1:]), self.blocks[0].ffn.aux)
+            loss = loss + aux * (self.config.moe_aux / self.config.n_layers)
         return logits, loss
+
+    def expert_load(self) -> list | None:
+        """Fraction of the last forward's tokens routed to each expert, per layer (MoE)."""
+        if self.config.ffn != "moe":
+            return None
+        return [block.ffn.load.tolist() for block in self.blocks]

@@ -1,7 +1,9 @@
 """Parameter and Module: the thin object layer over the engine (no registries, no metaclasses).
 
 A Module finds its parameters by walking its own attributes in definition order, so names come
-out SPEC-style: ``blocks.0.attn.q``, ``norm``, ...
+out SPEC-style: ``blocks.0.attn.q``, ``norm``, ... One naming rule keeps SPEC's names for layers
+that are Modules: a Parameter attribute called ``weight`` is named by its module (the
+SparseLinear ``blocks.0.attn.q`` holds the parameter ``blocks.0.attn.q``, not ``...q.weight``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class Module:
                 seen.add(id(p))
                 yield name, p
 
+    def children(self):
+        """The direct sub-modules, in attribute-definition order."""
+        return [child for _, child in _children(self, "")]
+
+    def named_modules(self, prefix=""):
+        """Yield ``(dotted_name, Module)`` for this module ("" for itself) and every Module
+        below it, parents before children, in attribute-definition order."""
+        yield prefix.rstrip("."), self
+        for name, child in _children(self, prefix):
+            yield from child.named_modules(f"{name}.")
+
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
@@ -61,16 +74,28 @@ class Module:
             p.data[...] = value
 
 
-def _walk(value, prefix):
+def _walk(module, prefix):
     """Every (name, Parameter) reachable from a Module's attributes, duplicates included."""
-    for name, attr in vars(value).items():
-        if isinstance(attr, Parameter):
+    for name, item in _items(module, prefix):
+        if isinstance(item, Parameter):
+            # a module's `weight` is the module: blocks.0.attn.q, not blocks.0.attn.q.weight
+            yield (prefix[:-1] if prefix and name == prefix + "weight" else name), item
+        else:
+            yield from _walk(item, f"{name}.")
+
+
+def _children(module, prefix):
+    """(name, Module) of the direct sub-modules, in attribute-definition order."""
+    return [(name, item) for name, item in _items(module, prefix) if isinstance(item, Module)]
+
+
+def _items(module, prefix):
+    """(dotted name, Parameter or Module) of a Module's attributes; a list/tuple item is
+    ``name.{i}``."""
+    for name, attr in vars(module).items():
+        if isinstance(attr, (Parameter, Module)):
             yield prefix + name, attr
-        elif isinstance(attr, Module):
-            yield from _walk(attr, f"{prefix}{name}.")
         elif isinstance(attr, (list, tuple)):
             for i, item in enumerate(attr):
-                if isinstance(item, Parameter):
+                if isinstance(item, (Parameter, Module)):
                     yield f"{prefix}{name}.{i}", item
-                elif isinstance(item, Module):
-                    yield from _walk(item, f"{prefix}{name}.{i}.")

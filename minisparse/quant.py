@@ -59,3 +59,44 @@ def quantize_activations(x: Tensor) -> Tensor:
 def ternarize_weights(w: Tensor) -> Tensor:
     """Qw(w) = t / s with ternary absmean codes (SPEC 4); dQw/dw = identity (STE)."""
     return _ste("ternarize_weights", w, _absmean)
+
+
+# ---- quantizer objects --------------------------------------------------------------------------
+# One class per method, for activations and weights separately; ``bits`` is the config's name.
+
+
+class NoQuant:
+    """Full precision: the identity."""
+
+    bits = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Int8Absmax:
+    """SPEC 3: per-token int8 absmax codes, dequantized; STE backward (activations)."""
+
+    bits = 8
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return quantize_activations(x)
+
+
+class TernaryAbsmean:
+    """SPEC 4: per-matrix ternary absmean codes, dequantized; STE backward (weights)."""
+
+    bits = 1.58
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return ternarize_weights(w)
+
+
+def quantizers(bits=None) -> tuple:
+    """(activation quantizer, weight quantizer) for the config's ``bits``: None -> full
+    precision; 1.58 -> BitNet b1.58 (int8 absmax activations, ternary absmean weights)."""
+    if bits is None:
+        return NoQuant(), NoQuant()
+    if isinstance(bits, bool) or bits != 1.58:
+        raise ValueError(f"bits must be None (full precision) or 1.58, got {bits!r}")
+    return Int8Absmax(), TernaryAbsmean()

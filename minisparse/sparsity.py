@@ -123,11 +123,7 @@ def resolve_topk(d, k=None, sparsity=None, block=None, op="resolve_topk"):
     n, m = _check_block(op, block, d)
     if k is not None:
         raise ValueError(f"{op}: give k or block, not both (got k={k!r}, block={block!r})")
-    implied = 1 - n / m
-    if sparsity not in (None, 0) and not (isinstance(sparsity, numbers.Real)
-                                          and math.isclose(sparsity, implied, abs_tol=1e-9)):
-        raise ValueError(f"{op}: block {n}:{m} implies sparsity {implied:g}, "
-                         f"got sparsity={sparsity!r}")
+    _check_implied(op, n, m, sparsity)
     return None, (n, m)
 
 
@@ -136,12 +132,20 @@ def _mask(op, x, k, sparsity, block):
     return _topk_mask(x, k) if block is None else _block_topk_mask(x, *block)
 
 
+RESCALES = ("none", "l2")
+
+
+def _check_rescale(op, rescale):
+    """The one check of SPEC 1's rescale option: "none" or "l2"."""
+    if rescale not in RESCALES:
+        raise ValueError(f'{op}: rescale must be "none" or "l2", got {rescale!r}')
+    return rescale
+
+
 def _rescale_factor(op, x, mask, rescale):
     """r [..., 1]: ||x||_2 / max(||x * mask||_2, 1e-12) for "l2" (norm-preserving), 1 for "none"."""
-    if rescale == "none":
+    if _check_rescale(op, rescale) == "none":
         return np.ones((*x.shape[:-1], 1), dtype=x.dtype)
-    if rescale != "l2":
-        raise ValueError(f'{op}: rescale must be "none" or "l2", got {rescale!r}')
     kept = np.where(mask, x, 0)
     norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
     kept_norm = np.sqrt(np.sum(kept * kept, axis=-1, keepdims=True))
@@ -176,6 +180,179 @@ def topk_backward(grad_y, mask, r, ste=True):
     return grad if ste else np.where(mask, grad, 0)
 
 
+# ---- SPEC section 11: threshold sparsity (training-free) ----------------------------------------
+
+
+def threshold_mask(x, tau):
+    """Bool mask [..., D]: |x| > tau (strict, so entries equal to tau are dropped; SPEC 11)."""
+    check_finite("threshold_mask", "x", check_float_array("threshold_mask", "x", x))
+    return _threshold_mask(x, _check_tau("threshold_mask", tau))
+
+
+def _threshold_mask(x, tau):
+    return np.abs(x) > tau
+
+
+def _check_tau(op, tau):
+    tau = np.asarray(tau)
+    if tau.shape != () or tau.dtype.kind != "f" or not np.isfinite(tau) or tau < 0:
+        raise ValueError(f"{op}: tau must be a finite float scalar >= 0, got {tau!r}")
+    return tau
+
+
+def calibrate_threshold(values, sparsity):
+    """SPEC 11: tau = a_j of the collected |A(x)| sorted ascending (1-indexed), j = floor(S n)
+    in float64 (tau = 0 if j = 0), so that about a fraction S of them is <= tau."""
+    a = np.sort(np.abs(np.asarray(values, dtype=np.float64)).reshape(-1))
+    _k_for("calibrate_threshold", 1, None, sparsity)  # S in [0, 1)
+    j = math.floor(float(sparsity) * a.size)
+    return 0.0 if j == 0 else float(a[j - 1])
+
+
+# ---- sparsifier objects -------------------------------------------------------------------------
+# One class per method. Each validates its options once, in its constructor; knows how many of a
+# row's d_in inputs it keeps (kept_inputs, for SPEC 7's N_a); computes its reference forward
+# (mask and factor r) and the autograd op whose backward is SPEC 1's (r g, or r M ⊙ g without the
+# STE); and names its oracle op. Its fast twin lives in kernels/linear.py, chosen by type there.
+
+
+def _check_ste(op, ste):
+    if not isinstance(ste, bool):
+        raise TypeError(f"{op}: ste must be True or False, got {ste!r}")
+    return ste
+
+
+class Sparsifier:
+    """Base: the autograd op y = r (a ⊙ M) from ``forward``; dL/da = r g (STE) or r M ⊙ g."""
+
+    oracle_op = None  # the minisparse.oracle op that states this method's math
+    rescale = "none"
+
+    def __init__(self, ste=True):
+        self.ste = _check_ste(type(self).__name__, ste)
+
+    def __call__(self, a: Tensor) -> Tensor:
+        if not isinstance(a, Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a Tensor, got {type(a).__name__}")
+        # No finiteness check: a diverging training run should reach its loss check, not raise.
+        y, mask, r = self.forward(a.data)
+        return Tensor.from_op(y, (a,), lambda g: (topk_backward(g, mask, r, self.ste),),
+                              type(self).__name__)
+
+    def forward(self, a):
+        """(y = r (a ⊙ M), M, r [..., 1]) for an ndarray a [..., D]."""
+        mask = self.mask(a)
+        r = _rescale_factor(type(self).__name__, a, mask, self.rescale)
+        return np.where(mask, a, 0) * r, mask, r
+
+
+class Dense(Sparsifier):
+    """No sparsification: every input kept (sparsity 0)."""
+
+    def kept_inputs(self, d_in):
+        return d_in
+
+    def __call__(self, a):
+        return a
+
+
+class TopK(Sparsifier):
+    """SPEC 1: per row keep the K largest |a| (ties: lower index), K = k or K(S, D); re-scale."""
+
+    oracle_op = "topk"
+
+    def __init__(self, *, k=None, sparsity=None, rescale="none", ste=True):
+        super().__init__(ste)
+        if k is not None and sparsity is None:
+            k = _int("TopK", "k", k, 1, math.inf)  # k <= D is checked against each row's D
+        else:
+            _k_for("TopK", 1, k, sparsity)  # exactly one of k / S; S in [0, 1)
+        self.k, self.sparsity = k, sparsity
+        self.rescale = _check_rescale("TopK", rescale)
+
+    def kept_inputs(self, d_in):
+        return _k_for("TopK", d_in, self.k, self.sparsity)
+
+    def mask(self, a):
+        return _topk_mask(a, self.kept_inputs(a.shape[-1]))
+
+
+class BlockTopK(Sparsifier):
+    """SPEC 2: keep the N largest |a| in every block of M consecutive inputs, block = (N, M)."""
+
+    oracle_op = "block_topk"
+
+    def __init__(self, block, *, rescale="none", ste=True):
+        super().__init__(ste)
+        if not _is_pair(block):
+            raise ValueError(f"BlockTopK: block must be a pair (N, M), got {block!r}")
+        m = _int("BlockTopK", "block M", block[1], 1, math.inf)
+        self.n, self.m = _check_block("BlockTopK", block, m)
+        self.rescale = _check_rescale("BlockTopK", rescale)
+
+    @property
+    def sparsity(self):
+        return 1.0 - self.n / self.m
+
+    def kept_inputs(self, d_in):
+        _check_block("BlockTopK", (self.n, self.m), d_in)
+        return d_in // self.m * self.n
+
+    def mask(self, a):
+        n, m = _check_block("BlockTopK", (self.n, self.m), a.shape[-1])
+        return _block_topk_mask(a, n, m)
+
+
+class Threshold(Sparsifier):
+    """SPEC 11: M = |a| > tau (strict), r = 1. ``tau`` is a 0-d Tensor (a model parameter, read
+    at every call); ``target`` is the calibration's S, which only N_a reports (the number kept
+    per row varies: measure it)."""
+
+    oracle_op = "threshold"
+
+    def __init__(self, tau: Tensor, *, target=0.0, ste=True):
+        super().__init__(ste)
+        if not isinstance(tau, Tensor) or tau.shape != ():
+            raise TypeError(f"Threshold: tau must be a 0-d Tensor, got {tau!r}")
+        _k_for("Threshold", 1, None, target)  # target S in [0, 1)
+        self.tau, self.target = tau, float(target)
+
+    def kept_inputs(self, d_in):
+        return _k_for("Threshold", d_in, None, self.target)  # the calibration target, not measured
+
+    def mask(self, a):
+        return _threshold_mask(a, _check_tau("Threshold", self.tau.data))
+
+
+def make_sparsifier(*, sparsity=0.0, k=None, block=None, rescale="none", ste=True):
+    """The sparsifier SPEC 5's keyword options describe: TopK (k, or sparsity > 0), BlockTopK
+    (block; sparsity then None, 0 or 1 - N/M), else Dense."""
+    if block is not None:
+        if k is not None:
+            raise ValueError(f"sparsify: give k or block, not both (got k={k!r}, block={block!r})")
+        sparsifier = BlockTopK(block, rescale=rescale, ste=ste)
+        _check_implied("sparsify", sparsifier.n, sparsifier.m, sparsity)
+        return sparsifier
+    if k is not None or sparsity:
+        return TopK(k=k, sparsity=sparsity or None, rescale=rescale, ste=ste)
+    _check_rescale("sparsify", rescale)
+    return Dense(ste)
+
+
+def _is_pair(block):
+    return not isinstance(block, (str, bytes)) and hasattr(block, "__len__") and len(block) == 2
+
+
+def _check_implied(op, n, m, sparsity):
+    """N:M fixes the sparsity: sparsity must be None, 0 or 1 - N/M; -> 1 - N/M."""
+    implied = 1 - n / m
+    if sparsity not in (None, 0) and not (isinstance(sparsity, numbers.Real)
+                                          and math.isclose(sparsity, implied, abs_tol=1e-9)):
+        raise ValueError(f"{op}: block {n}:{m} implies sparsity {implied:g}, "
+                         f"got sparsity={sparsity!r}")
+    return implied
+
+
 # ---- the autograd op ----------------------------------------------------------------------------
 
 
@@ -183,8 +360,7 @@ def sparsify(x: Tensor, k=None, sparsity=None, block=None, rescale="none", ste=T
     """Top-K (or N:M) sparsification of a Tensor [..., D]; backward r*g (STE) or r*M⊙g."""
     if not isinstance(x, Tensor):
         raise TypeError(f"sparsify: x must be a Tensor, got {type(x).__name__}")
-    if not isinstance(ste, bool):
-        raise TypeError(f"sparsify: ste must be True or False, got {ste!r}")
-    # No finiteness check here: a diverging training run should reach its loss check, not raise.
-    y, mask, r = _topk_forward("sparsify", x.data, k, sparsity, block, rescale)
-    return Tensor.from_op(y, (x,), lambda g: (topk_backward(g, mask, r, ste),), "sparsify")
+    _check_ste("sparsify", ste)
+    sparsifier = make_sparsifier(sparsity=sparsity, k=k, block=block, rescale=rescale, ste=ste)
+    resolve_topk(x.shape[-1], k, sparsity, block, "sparsify")  # k <= D, M divides D
+    return sparsifier(x)

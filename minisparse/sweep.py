@@ -10,7 +10,11 @@ S = overall sparsity, SPEC §7) and `plot_sweep` draws data, fit and S*.
 The ablations (`ablation_runs`) are presets of the same machinery:
 ``ste``       top-K with STE vs without (masked gradient, eq. 12) vs ReLU-only (paper Figs 8-9);
 ``block``     Block Q-Sparse N:M = 16:32 vs top-K at the same 50% sparsity (paper Fig 7);
-``continue``  dense pre-training continued with Q-Sparse vs Q-Sparse from scratch (§4.2).
+``continue``  dense pre-training continued with Q-Sparse vs Q-Sparse from scratch (§4.2);
+``moe``       the GLU vs a mixture of 4 GLU experts, top-1, same active parameters per token
+              (each expert as wide as the GLU), both top-K 0.5 (SPEC §6): loss, N, N_a, load;
+``threshold`` the dense model made sparse without training (SPEC §11 thresholds calibrated at
+              S = 0.25 ... 0.7) vs Q-Sparse trained at the same S: val loss vs measured sparsity.
 """
 
 import csv
@@ -23,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate import calibrate
 from .checkpoint import load_checkpoint
-from .data import get_batch, make_dataset
+from .data import CharTokenizer, get_batch, make_dataset
 from .model import GPT, GPTConfig, count_params
 from .scaling import ScalingFit, fit_scaling_law
 from .tensor import no_grad
-from .train import CKPT_NAME, TrainSettings, resolve_text, train
+from .train import CKPT_NAME, TrainSettings, evaluate, resolve_text, train
 
 RESULTS = "results.csv"
 SPARSITY_LOG = "act_sparsity.jsonl"  # per run: activation sparsity at every evaluation
@@ -383,7 +388,8 @@ def _s_star(fit: ScalingFit):
 # ---------------------------------------------------------------------------------------------
 # Ablations (paper section 4.2, Figs 7-9) as presets of runs
 
-ABLATIONS = ("ste", "block", "continue")
+ABLATIONS = ("ste", "block", "continue", "moe", "threshold")
+THRESHOLD_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 
 
 def ablation_runs(kind: str, *, d_model: int = 64, n_layers: int = 2, sparsity: float = 0.7,
@@ -396,6 +402,10 @@ def ablation_runs(kind: str, *, d_model: int = 64, n_layers: int = 2, sparsity: 
     block:    dense | top-K 50% | block 16:32 (50%); ffn_hidden rounded to a multiple of 32.
     continue: dense | top-K S from scratch | dense for iters//2 then top-K S for the rest
               (fresh optimizer, SPEC §9 schedule over the second part).
+    moe:      GLU top-K 0.5 | MoE of 4 experts, top-1, top-K 0.5; every expert as wide as the
+              GLU, so a token activates the same projection weights (plus a 4 x d router).
+    threshold: dense | top-K S for S in THRESHOLD_SPARSITIES; run_ablation then calibrates the
+              dense model's thresholds at each S (``threshold_arms``).
     """
     if kind not in ABLATIONS:
         raise ValueError(f"ablation must be one of {list(ABLATIONS)}, got {kind!r}")
@@ -414,6 +424,13 @@ def ablation_runs(kind: str, *, d_model: int = 64, n_layers: int = 2, sparsity: 
         return [Run("dense", base, settings),
                 Run("topk-0.5", {**base, "sparsity": 0.5}, settings),
                 Run("block-16:32", {**base, "block": (16, 32)}, settings)]
+    if kind == "moe":
+        return [Run("glu-topk-0.5", {**base, "sparsity": 0.5}, settings),
+                Run("moe-4x-top1-topk-0.5", {**base, "sparsity": 0.5, "ffn": "moe",
+                                             "n_experts": 4, "top_experts": 1}, settings)]
+    if kind == "threshold":
+        return [Run("dense", base, settings)] + [
+            Run(f"topk-{s:g}", {**base, "sparsity": s}, settings) for s in THRESHOLD_SPARSITIES]
     pre = Run("dense-pretrain", base, grid.settings(seed, iters // 2))
     return [Run("dense", base, settings),
             Run("topk-scratch", {**base, "sparsity": sparsity}, settings),
@@ -429,10 +446,107 @@ def run_ablation(kind: str, out_dir, *, text=None, data_path=None, plot=True, pr
     runs = ablation_runs(kind, **options)
     rows = run_all(runs, out_dir, text=text, data_path=data_path, progress=progress, log=log)
     log(format_report(rows, {}))
+    if kind in ("moe", "threshold"):
+        arms = (moe_arms if kind == "moe" else threshold_arms)(runs, rows, out_dir, text=text,
+                                                               data_path=data_path)
+        (out_dir / f"{kind}.json").write_text(json.dumps(arms, indent=2))
+        table = (moe_table if kind == "moe" else threshold_table)(arms)
+        (out_dir / f"{kind}.md").write_text(table + "\n")
+        log(table)
     if plot:
-        plot_ablation(kind, runs, out_dir)
+        (plot_threshold(arms, out_dir) if kind == "threshold" else
+         plot_ablation(kind, runs, out_dir))
         log(f"plot: {out_dir / (kind + '.png')}")
     return rows
+
+
+def _final_model(out_dir, run: Run) -> tuple:
+    """(checkpoint, model) of a finished run."""
+    ckpt = load_checkpoint(Path(out_dir) / "runs" / run.name / CKPT_NAME)
+    return ckpt, GPT.from_params(ckpt.config, ckpt.params)
+
+
+def moe_arms(runs, rows, out_dir, *, text=None, data_path=None) -> list[dict]:
+    """Per arm: val loss, N, N_a and (MoE) the fraction of validation tokens per expert."""
+    arms = []
+    for run, row in zip(runs, rows, strict=True):
+        _, model = _final_model(out_dir, run)
+        batches = _val_batches(text, data_path, model.config.context)
+        load = None
+        if model.config.ffn == "moe":
+            with no_grad():
+                model(np.concatenate(batches))
+            load = model.expert_load()
+        arms.append({"variant": run.variant, "val_loss": row["val_loss"], "N": row["N"],
+                     "N_a": row["N_a"], "expert_load": load})
+    return arms
+
+
+def moe_table(arms: list[dict]) -> str:
+    lines = ["| arm | val loss | N | N_a | expert load (per layer: fraction of tokens) |",
+             "| --- | --- | --- | --- | --- |"]
+    for a in arms:
+        load = "-" if a["expert_load"] is None else " / ".join(
+            " ".join(f"{f:.2f}" for f in layer) for layer in a["expert_load"])
+        lines.append(f"| {a['variant']} | {a['val_loss']:.4f} | {a['N']:,} | {a['N_a']:,} | "
+                     f"{load} |")
+    return "\n".join(lines)
+
+
+def threshold_arms(runs, rows, out_dir, *, text=None, data_path=None) -> list[dict]:
+    """The dense run calibrated at every S (OUT/calibrated/S.npz; validated like the trained
+    runs: their final_eval_batches from their eval seed) next to the top-K runs trained at S."""
+    dense_ckpt, _ = _final_model(out_dir, runs[0])
+    text, _ = resolve_text(text, data_path, dense_ckpt.data)
+    settings = TrainSettings.from_dict(dense_ckpt.settings)
+    config = dense_ckpt.config
+    data = make_dataset(text, config.context, CharTokenizer(dense_ckpt.vocab))
+    batches = _val_batches(text, None, config.context)
+    arms = [{"method": "dense", "S": 0.0, "val_loss": rows[0]["val_loss"],
+             "act_sparsity": rows[0]["act_sparsity"]}]
+    for run, row in zip(runs[1:], rows[1:], strict=True):
+        s = run.config["sparsity"]
+        ckpt, _ = calibrate(dense_ckpt, s, text, seed=settings.seed)
+        model = GPT.from_params(ckpt.config, ckpt.params)
+        loss = evaluate(model, data.val, np.random.default_rng(settings.eval_seed),
+                        settings.final_eval_batches, settings.batch)
+        arms.append({"method": "threshold", "S": s, "val_loss": loss,
+                     "act_sparsity": activation_sparsity(model, batches)})
+        arms.append({"method": "topk", "S": s, "val_loss": row["val_loss"],
+                     "act_sparsity": row["act_sparsity"]})
+    return arms
+
+
+def threshold_table(arms: list[dict]) -> str:
+    lines = ["| S | thresholds (no training): measured sparsity | val loss | "
+             "top-K trained (Q-Sparse): measured sparsity | val loss |",
+             "| --- | --- | --- | --- | --- |"]
+    dense = arms[0]
+    lines.append(f"| 0 (dense) | {dense['act_sparsity']:.3f} | {dense['val_loss']:.4f} | "
+                 f"{dense['act_sparsity']:.3f} | {dense['val_loss']:.4f} |")
+    for thr, topk in zip(arms[1::2], arms[2::2], strict=True):
+        lines.append(f"| {thr['S']:g} | {thr['act_sparsity']:.3f} | {thr['val_loss']:.4f} | "
+                     f"{topk['act_sparsity']:.3f} | {topk['val_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_threshold(arms: list[dict], out_dir) -> None:
+    """PNG OUT/threshold.png: val loss vs measured activation sparsity, thresholds vs top-K."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, method in enumerate(("threshold", "topk")):
+        points = sorted((a["act_sparsity"], a["val_loss"]) for a in arms
+                        if a["method"] in (method, "dense"))
+        x, y = np.array(points).T
+        ax.plot(x, y, "o-", color=f"C{i}", label={"threshold": "thresholds, no training",
+                                                   "topk": "top-K trained (Q-Sparse, STE)"}[
+                                                       method])
+    ax.set(xlabel="measured activation sparsity", ylabel="validation loss",
+           title="training-free thresholds vs Q-Sparse training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "threshold.png", dpi=110)
+    plt.close(fig)
 
 
 def plot_ablation(kind: str, runs: list[Run], out_dir) -> None:

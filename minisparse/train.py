@@ -43,7 +43,8 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .tensor import no_grad
 
 CKPT_NAME = "ckpt.npz"
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "ffn", "n_experts",
+                "sparsify")
 
 
 @dataclass
@@ -262,6 +263,9 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
                         settings.batch)
         history["val_loss"].append([step, loss])
         log.write(f"step {step}: val loss {loss:.4f}")
+        if config.ffn == "moe":  # fraction of the last validation batch's tokens per expert
+            log.write("  expert load: " + " | ".join(
+                " ".join(f"{f:.2f}" for f in layer) for layer in model.expert_load()))
         if callback is not None:
             callback(step, model)
         return loss

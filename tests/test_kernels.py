@@ -240,9 +240,9 @@ def test_pack_model_decodes_like_the_reference():
         got, _ = fast(idx[:, t:t + 1], kv_cache=cache_f)
         np.testing.assert_allclose(got.data, want.data, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="read-only"):
-        fast.blocks[0].attn.q.data *= 2  # a packed weight cannot silently go stale
+        fast.blocks[0].attn.q.weight.data *= 2  # a packed weight cannot silently go stale
     kernels.unpack_model(fast)
-    fast.blocks[0].attn.q.data *= 1
+    fast.blocks[0].attn.q.weight.data *= 1
 
 
 # --- the inner loops vectorise (a scalar fallback runs at a fraction of the speed) ---

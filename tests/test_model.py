@@ -68,13 +68,23 @@ def test_block_implies_its_sparsity():
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"sparsity": float("nan")}, "sparsity must be a finite number"),
-        ({"ffn_act": "gelu"}, "ffn_act must be one of ['relu2', 'silu']"),
-        ({"rescale": "l1"}, "rescale must be one of"),
-        ({"bits": 2}, "bits must be null (full precision) or 1.58"),
-        ({"block": [3, 2]}, "N <= M"),
+        ({"ffn_act": "gelu"}, "ffn_act must be one of ['relu2', 'silu'], got 'gelu'"),
+        ({"rescale": "l1"}, 'rescale must be "none" or "l2", got \'l1\''),
+        ({"bits": 2}, "bits must be None (full precision) or 1.58, got 2"),
+        ({"block": [3, 2]}, "block N must be in [1, 2], got 3"),
         ({"block": [2, 5]}, "block M=5 must divide"),
         ({"vocab_size": 65, "block": [16, 32]}, "ffn_hidden=336 (a multiple of 32 such as 320"),
-        ({"block": [8]}, "block must be null or [N, M]"),
+        ({"block": [8]}, "block must be a pair (N, M), got [8]"),
+        ({"ffn": "dense"}, "ffn must be one of ['glu', 'moe']"),
+        ({"ffn": "moe", "n_experts": 1, "top_experts": 1}, "n_experts >= 2"),
+        ({"ffn": "moe", "n_experts": 4, "top_experts": 5}, "1 <= top_experts <= n_experts"),
+        ({"ffn": "moe", "n_experts": 4}, "top_experts must be a positive integer, got None"),
+        ({"n_experts": 4}, 'with ffn "glu" they must be null'),
+        ({"ffn": "moe", "n_experts": 2, "top_experts": 1, "moe_aux": -1}, "moe_aux must be >= 0"),
+        ({"sparsify": "teal"}, "sparsify must be one of ['topk', 'threshold']"),
+        ({"sparsify": "threshold", "block": [2, 4]}, 'needs block null and rescale "none"'),
+        ({"sparsify": "threshold", "rescale": "l2"}, 'needs block null and rescale "none"'),
+        ({"sparsify": "threshold", "sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"block": [2, 4], "sparsity": 0.25}, "block 2:4 implies sparsity 0.5"),
         ({"context": 0}, "context must be a positive integer"),
         ({"d_model": 16.0}, "d_model must be a positive integer"),
@@ -293,7 +303,8 @@ def test_ste_false_gives_the_masked_gradient(backend):
     gradient (ste=False, Q-Sparse eq. 12) is the exact gradient; the STE (eq. 13) is not."""
     masked = tiny_model("topk", ste=False, backend=backend)
     ste = tiny_model("topk", backend=backend)
-    assert all(not b.attn.linear["ste"] and not b.ffn.linear["ste"] for b in masked.blocks)
+    assert all(not b.attn.q.sparsifier.ste and not b.ffn.down.sparsifier.ste
+               for b in masked.blocks)
     idx, targets = tokens(masked.config, (2, 6), 1), tokens(masked.config, (2, 6), 2)
     np.testing.assert_array_equal(masked(idx)[0].data, ste(idx)[0].data)  # same forward
     for name, (analytic, numeric) in directional_derivatives(masked, idx, targets).items():
@@ -304,7 +315,7 @@ def test_ste_false_gives_the_masked_gradient(backend):
     with pytest.raises(TypeError, match="ste must be True or False"):
         GPT(masked.config, ste="no")
     params = masked.params_dict()
-    assert not GPT.from_params(masked.config, params, ste=False).blocks[1].ffn.linear["ste"]
+    assert not GPT.from_params(masked.config, params, ste=False).blocks[1].ffn.up.sparsifier.ste
 
 
 @pytest.mark.parametrize("name", ["dense", "topk", "block", "bits158"])

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -196,3 +197,37 @@ def test_cli_sweep_and_ablate(tmp_path, capsys):
     grid = sweep.Grid()
     assert (args.sizes, args.sparsities, args.bits, args.iters) == \
         (grid.sizes, grid.sparsities, grid.bits, grid.iters)
+
+
+def test_moe_ablation_runs_end_to_end(tmp_path):
+    runs = sweep.ablation_runs("moe", d_model=16)
+    assert [r.variant for r in runs] == ["glu-topk-0.5", "moe-4x-top1-topk-0.5"]
+    assert (runs[1].config["n_experts"], runs[1].config["top_experts"]) == (4, 1)
+    rows = sweep.run_ablation("moe", tmp_path, text=TEXT, plot=True, log=lambda m: 0,
+                              d_model=16, n_layers=1, iters=3, batch=2, context=8)
+    glu, moe = rows
+    assert moe["N"] > glu["N"]  # four experts' weights ...
+    assert moe["N_a"] == glu["N_a"] + 4 * 16  # ... but the same active ones, plus the router
+    arms = json.loads((tmp_path / "moe.json").read_text())
+    assert arms[0]["expert_load"] is None and math.isclose(sum(arms[1]["expert_load"][0]), 1)
+    table = (tmp_path / "moe.md").read_text()
+    assert table.count("\n") == 4 and "moe-4x-top1-topk-0.5" in table
+    assert (tmp_path / "moe.png").stat().st_size > 0
+
+
+def test_threshold_ablation_runs_end_to_end(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT)
+    argv = ["ablate", "threshold", "--out", str(tmp_path / "a"), "--data", str(data),
+            "--d-model", "16", "--n-layers", "1", "--iters", "2", "--batch", "2",
+            "--context", "8"]
+    assert main(argv) == 0
+    arms = json.loads((tmp_path / "a" / "threshold.json").read_text())
+    assert [(a["method"], a["S"]) for a in arms[:3]] == [("dense", 0.0), ("threshold", 0.25),
+                                                         ("topk", 0.25)]
+    assert len(arms) == 1 + 2 * len(sweep.THRESHOLD_SPARSITIES)
+    thresholds = [a["act_sparsity"] for a in arms if a["method"] == "threshold"]
+    assert thresholds == sorted(thresholds)  # a higher S drops more, measured
+    assert all(np.isfinite(a["val_loss"]) for a in arms)
+    assert "| 0.7 |" in (tmp_path / "a" / "threshold.md").read_text()
+    assert (tmp_path / "a" / "threshold.png").stat().st_size > 0

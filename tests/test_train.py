@@ -90,7 +90,8 @@ def test_ste_setting_reaches_the_model_and_survives_resume(tmp_path, monkeypatch
     seen = []
 
     def callback(step, model):  # called after every validation
-        seen.append((step, model.blocks[0].attn.linear["ste"], model.blocks[0].ffn.linear["ste"]))
+        seen.append((step, model.blocks[0].attn.q.sparsifier.ste,
+                     model.blocks[0].ffn.down.sparsifier.ste))
 
     full = run(tmp_path / "full", model=sparse, settings=s, callback=callback)
     assert seen == [(2, False, False), (4, False, False)]

@@ -7,9 +7,13 @@ Backward is SPEC 1's STE (or the masked form) with the quantizers' STE identity:
 
     dX = r * (dY @ Qw(W))  [⊙ M if not ste],    dW = dY^T (r * A(X) ⊙ M).
 
-Decoding: ``pack_model`` attaches a ``PackedLinear`` to every projection weight (Wt = W^T for
-float, 2-bit codes for ternary) and makes the weight array read-only, so a later in-place update
-raises instead of leaving a stale copy; a single-token call then reads only the kept rows.
+``linear_forward`` is the fast twin of ``SparseLinear.reference``: it dispatches on the module's
+method objects (sparsifier: Dense, TopK, BlockTopK, Threshold; quantizers: none or BitNet
+b1.58) and fails loudly on a method it has no kernel for, rather than fall back to a slow path.
+
+Decoding: ``pack_model`` attaches a ``PackedLinear`` to the weight of every SparseLinear (Wt = W^T
+for float, 2-bit codes for ternary) and makes the weight array read-only, so a later in-place
+update raises instead of leaving a stale copy; a single-token call then reads only the kept rows.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import tensor as engine
-from ..quant import _absmean  # no finiteness check: training must reach its own loss check
-from ..sparsity import _rescale_factor
+from ..linear import SparseLinear
+from ..quant import (
+    Int8Absmax,
+    NoQuant,
+    TernaryAbsmean,
+    _absmean,  # no finiteness check: training must reach its own loss check
+)
+from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor, _threshold_mask
 from ..tensor import Tensor
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
@@ -28,25 +38,51 @@ from .topk import topk_indices, topk_select
 
 SPARSE_PRODUCT_MAX_DENSITY = 0.1  # below this kept fraction the sparse kernels beat BLAS
 PACKED_MAX_ROWS = 4  # rows up to which a packed weight is used row by row (decode steps)
-PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 
 
-def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", bits=None,
-                  ste=True, observe=None) -> Tensor:
+def linear_forward(linear: SparseLinear, x: Tensor) -> Tensor:
+    """SparseLinear(X) on the fast path: the kernel arguments of the module's methods."""
+    return sparse_linear(x, linear.weight, **kernel_options(linear), observe=linear.observe)
+
+
+def kernel_options(linear: SparseLinear) -> dict:
+    """The fused op's arguments for a SparseLinear; TypeError for a method with no kernel."""
+    if type(linear) is not SparseLinear:
+        raise TypeError(f"no fast kernel for the projection type {type(linear).__name__}")
+    quant = (type(linear.act_quant), type(linear.weight_quant))
+    if quant not in ((NoQuant, NoQuant), (Int8Absmax, TernaryAbsmean)):
+        raise TypeError(f"no fast kernel for the quantizers {quant[0].__name__} (activations) "
+                        f"+ {quant[1].__name__} (weights)")
+    s = linear.sparsifier
+    options = dict(bits=None if quant[0] is NoQuant else 1.58, ste=s.ste, rescale=s.rescale)
+    if type(s) is TopK:
+        return {**options, "k": s.kept_inputs(linear.weight.shape[1])}
+    if type(s) is BlockTopK:
+        return {**options, "block": (s.n, s.m)}
+    if type(s) is Threshold:
+        return {**options, "tau": s.tau.data}
+    if type(s) is Dense:
+        return options
+    raise TypeError(f"no fast kernel for the sparsifier {type(s).__name__}")
+
+
+def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, tau=None, rescale="none",
+                  bits=None, ste=True, observe=None) -> Tensor:
     """Y [..., D_out] = sparsify(A(X)) @ Qw(W).T (SPEC 5); same semantics as the reference.
 
-    k: kept inputs per row (None: no top-K); block: (N, M) or None; bits: None or 1.58;
-    observe: None or called as observe(sparsify(A(X)) [..., D_in], D_in, D_out)."""
+    k: kept inputs per row (None: no top-K); block: (N, M) or None; tau: SPEC 11's threshold
+    (0-d array) or None; bits: None or 1.58; observe: None or called as
+    observe(sparsify(A(X)) [..., D_in], D_in, D_out)."""
     d_out, d_in = w.shape
     packed = getattr(w, "packed", None)
     x2 = x.data.reshape(-1, d_in)  # [N, D_in]
     needs_grad = engine._grad_enabled and (x.requires_grad or w.requires_grad)  # no_grad()?
     if packed is not None and packed.source is w.data and not needs_grad and observe is None \
             and x2.shape[0] <= PACKED_MAX_ROWS and block is None:
-        y = np.stack([packed.gemv(row, k, rescale) for row in x2])
+        y = np.stack([packed.gemv(row, k, rescale, tau) for row in x2])
         return Tensor(y.reshape(*x.shape[:-1], d_out))
 
-    mask, r, ya = _prepare(x2, k, block, rescale, bits)  # M, r, sparsify(A(X)) [N, D_in]
+    mask, r, ya = _prepare(x2, k, block, tau, rescale, bits)  # M, r, sparsify(A(X)) [N, D_in]
     if observe is not None:
         observe(ya.reshape(x.shape), d_in, d_out)
     if bits:
@@ -54,7 +90,8 @@ def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", b
         wq = t / s  # Qw(W) = t / s_w, [D_out, D_in]
     else:
         wq = w.data
-    sparse = mask is not None and _density(k, block, d_in) <= SPARSE_PRODUCT_MAX_DENSITY
+    sparse = mask is not None and tau is None and _density(k, block, d_in) \
+        <= SPARSE_PRODUCT_MAX_DENSITY
     y = sparse_gemm(ya, mask, pack_sparse_weights(wq)) if sparse else ya @ wq.T
 
     def backward(g):
@@ -77,11 +114,11 @@ def sparse_linear(x: Tensor, w: Tensor, *, k=None, block=None, rescale="none", b
 _last = {}  # the most recent _prepare call: q, k, v (and up, gate) share one input
 
 
-def _prepare(x2, k, block, rescale, bits):
-    """(M or None, r [N, 1] or None, sparsify(A(X))) for rows x2 [N, D_in] (SPEC 1-3).
+def _prepare(x2, k, block, tau, rescale, bits):
+    """(M or None, r [N, 1] or None, sparsify(A(X))) for rows x2 [N, D_in] (SPEC 1-3, 11).
 
     Reused when called again on equal rows with equal arguments (checked by value)."""
-    key = (k, block, rescale, bits, x2.dtype, x2.shape)
+    key = (k, block, None if tau is None else float(tau), rescale, bits, x2.dtype, x2.shape)
     if _last.get("key") == key and np.array_equal(_last["x"], x2):
         return _last["out"]
     a = x2
@@ -90,7 +127,10 @@ def _prepare(x2, k, block, rescale, bits):
         a = q / s  # dequantized codes, as the reference computes them
     mask = r = None
     ya = a
-    if k is not None or block is not None:
+    if tau is not None:  # SPEC 11: |A(X)| > tau, r = 1
+        mask = _threshold_mask(a, tau)
+        ya = np.where(mask, a, 0)
+    elif k is not None or block is not None:
         mask, ya = topk_select(a, k, block)
         if rescale == "l2":  # the reference's r = ||A|| / max(||A ⊙ M||, 1e-12) (SPEC 1)
             r = _rescale_factor("sparse_linear", a, mask, rescale)
@@ -111,20 +151,27 @@ class PackedLinear:
     wt: np.ndarray | None
     ternary: PackedTernary | None
 
-    def gemv(self, x: np.ndarray, k, rescale) -> np.ndarray:
-        """y [D_out] for one token x [D_in]: SPEC 5 reading only the kept inputs' weights."""
-        d_in = x.shape[0]
+    def gemv(self, x: np.ndarray, k, rescale, tau=None) -> np.ndarray:
+        """y [D_out] for one token x [D_in]: SPEC 5 reading only the kept inputs' weights
+        (the top-k, those above tau, or all of them)."""
         if self.ternary is None:
-            idx = np.arange(d_in) if k is None else topk_indices(x, k)
+            idx = _kept(x, k, tau)
             y = sparse_gemv(x, idx, self.wt)
             return y * _row_rescale(x, idx, rescale)
         q, s = quantize_rows(x[None])  # SPEC 3; the mask of q equals the mask of q / s
         q, s = q[0], s[0, 0]
-        idx = np.arange(d_in) if k is None else topk_indices(q.astype(np.float32), k)
-        acc = ternary_gemv_int(q, idx, self.ternary)  # exact integers (SPEC 5)
         a = q / s
+        idx = _kept(a, k, tau) if tau is not None else _kept(q.astype(np.float32), k, None)
+        acc = ternary_gemv_int(q, idx, self.ternary)  # exact integers (SPEC 5)
         return (acc / (s * x.dtype.type(self.ternary.scale))).astype(x.dtype) \
             * _row_rescale(a, idx, rescale)
+
+
+def _kept(a, k, tau):
+    """Indices a token a [D_in] keeps: |a| > tau (SPEC 11), its top-k (SPEC 1), or all."""
+    if tau is not None:
+        return np.flatnonzero(_threshold_mask(a, tau))
+    return np.arange(a.shape[0]) if k is None else topk_indices(a, k)
 
 
 def _row_rescale(a, idx, rescale):
@@ -144,13 +191,15 @@ def pack_linear(w: np.ndarray, bits=None) -> PackedLinear:
 
 
 def pack_model(model) -> int:
-    """Pack every projection weight of a GPT for decoding; returns how many were packed.
+    """Pack the weight of every SparseLinear of a model for decoding; returns how many.
 
+    A projection with a method the kernels do not know is a TypeError, not a silent slow path.
     The weight arrays become read-only: call ``unpack_model`` before training them again."""
     n = 0
-    for name, p in model.named_parameters():
-        if ".".join(name.split(".")[-2:]) in PROJECTIONS:
-            p.packed = pack_linear(p.data, model.config.bits)
+    for _, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            p = module.weight
+            p.packed = pack_linear(p.data, kernel_options(module)["bits"])
             p.data.flags.writeable = False
             n += 1
     return n
