@@ -7,12 +7,16 @@ at the first checkpoint, hundreds of steps later. The kernel drops a flock when 
 dies, so a lock left by a killed run is simply taken over (with a message naming the old pid).
 """
 
-import fcntl
 import os
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (the rest still applies)
+    fcntl = None
 
 LOCK_NAME = ".minisparse.lock"
 
@@ -54,7 +58,8 @@ def _lock(lock_path: Path, out_dir: Path) -> int:
             raise OutputDirError(f"cannot write to output directory {out_dir}: "
                                  f"{e.strerror or e}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
