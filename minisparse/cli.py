@@ -321,10 +321,9 @@ def _sample(args) -> int:
 
         pack_model(model)  # decode GEMVs read packed weights: kept rows only, 2-bit ternary
     tokenizer = CharTokenizer(ckpt.vocab)
-    tokens = sample_tokens(model, tokenizer.encode(args.prompt), args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k,
-                           rng=np.random.default_rng(args.seed))
-    ids = [int(i) for i in tokenizer.encode(args.prompt)]
+    ids = [int(i) for i in tokenizer.encode(args.prompt)]  # the prompt, then each new token
+    tokens = sample_tokens(model, ids, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, rng=np.random.default_rng(args.seed))
     first = next(tokens, None)  # validates the options before the prompt is echoed
     print(args.prompt, end="", flush=True)
     if first is not None:
