@@ -19,6 +19,7 @@ implemented yet", never raised: a lesson runs top to bottom before the learner's
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,7 @@ def _grade_case(ex, name, fn, case):
     """None if fn gets the case right, else the printed explanation."""
     try:
         got = ex.run(fn, case)
-    except NotImplementedError:
+    except NotImplementedError:  # the learner's stub: ``grade`` reports it as unfinished
         raise
     except Exception as e:  # a crash on valid input is a wrong answer, explained like one
         return _failure(name, case, f"your function raised {type(e).__name__}: {e}", None, None,
@@ -116,13 +117,14 @@ def _grade_case(ex, name, fn, case):
 
 def grade(name, fn, *, max_examples=200) -> bool:
     """Grade the learner's ``fn`` for exercise ``name`` (see the module docstring) and print the
-    verdict; True if every hand-picked case and the harness' generated cases agree."""
+    verdict; True if every hand-picked case and the harness' generated cases agree.
+    ``max_examples``: how many cases the harness generates (fewer: faster, less thorough)."""
     if name not in EXERCISES:
         raise ValueError(f"grade: unknown exercise {name!r}; choose one of {sorted(EXERCISES)}")
     if not callable(fn):
         raise TypeError(f"grade: fn must be a function, got {type(fn).__name__}")
     ex = EXERCISES[name]
-    if ex.needs and not _importable(ex.needs):
+    if ex.needs and importlib.util.find_spec(ex.needs) is None:
         print(f"- {name}: skipped, {ex.needs} is not installed (pip install {ex.needs})")
         return False
     for case in ex.cases:
@@ -151,12 +153,6 @@ def grade(name, fn, *, max_examples=200) -> bool:
         return False
     print(f"✓ {name}: {report}")
     return True
-
-
-def _importable(module):
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _f32(rows):
