@@ -1,17 +1,32 @@
-"""Hygiene of the committed lessons (nbmake executes them; this checks how they are stored).
+"""Hygiene of the committed lessons (nbmake executes them in fast mode; this checks how they are
+stored).
 
-Every ``lessons/*.ipynb`` must be committed without outputs or execution counts (readable
-diffs), open with a markdown cell saying what the learner will see, and honour the
-``MINISPARSE_FAST`` switch that CI uses to run it quickly.
+Every ``lessons/*.ipynb`` is committed WITH the outputs of a full-mode run, so it reads on
+GitHub, written by ``python -m lessons.render``. The render stores the hash of the code cells
+it ran; it must equal the hash of the committed code cells (the outputs come from this code),
+and every plotting cell must hold an image. Each lesson also opens with a markdown title,
+honours the ``MINISPARSE_FAST`` switch that CI uses to run it quickly, and carries no widget
+state.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from lessons.render import code_sha256
+
 LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("*.ipynb"))
+
+# Lessons whose code changed after their last full-mode render: their stored outputs are stale
+# or absent until `python -m lessons.render NAME` runs (after the open branches are merged).
+# Keep this list empty on main; a listed lesson that is rendered up to date fails below.
+PENDING_RENDER = {"05_fast_kernels.ipynb", "07_oracle.ipynb"}
+
+MAX_BYTES = 1_500_000  # a lesson with its plots; PNGs at the inline backend's modest dpi
+PLOTTING = re.compile(r"\bplt\.")
 
 
 def _load(path):
@@ -37,13 +52,50 @@ def test_lesson_names_are_numbered_and_unique():
     assert len(set(numbers)) == len(numbers), f"duplicate lesson numbers: {numbers}"
 
 
+def _rendered(path):
+    """The notebook, or a visible skip if it is listed as awaiting its full-mode render."""
+    if path.name in PENDING_RENDER:
+        pytest.skip(f"{path.name} awaits its full-mode render (PENDING_RENDER in this file)")
+    return _load(path)
+
+
+def test_pending_list_names_lessons():
+    assert PENDING_RENDER <= {p.name for p in NOTEBOOKS}, PENDING_RENDER
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_committed_without_outputs(path):
-    for i, cell in enumerate(_load(path)["cells"]):
+def test_outputs_come_from_the_committed_code(path):
+    nb = _load(path)
+    stored = nb.get("metadata", {}).get("minisparse", {})
+    fresh = stored.get("code_sha256") == code_sha256(nb) and stored.get("mode") == "full"
+    if path.name in PENDING_RENDER:
+        assert not fresh, f"{path.name} is rendered and up to date: remove it from PENDING_RENDER"
+        pytest.skip(f"{path.name} awaits its full-mode render (PENDING_RENDER in this file)")
+    assert stored.get("code_sha256"), (
+        f"{path.name}: no stored outputs; run `python -m lessons.render {path.stem}`")
+    assert fresh, (f"{path.name}: its code changed since its outputs were stored; run "
+                   f"`python -m lessons.render {path.stem}` and commit the result")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_ran_and_every_plot_is_stored(path):
+    for i, cell in enumerate(_rendered(path)["cells"]):
         if cell["cell_type"] != "code":
             continue
-        assert cell.get("outputs") == [], f"{path.name}: code cell {i} has outputs"
-        assert cell.get("execution_count") is None, f"{path.name}: code cell {i} has a count"
+        assert cell.get("execution_count") is not None, f"{path.name}: code cell {i} never ran"
+        if PLOTTING.search(_source(cell)):
+            images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+            assert images, f"{path.name}: plotting cell {i} has no stored image"
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{path.name}: code cell {i} stored an error"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_without_noise(path):
+    nb = _load(path)
+    assert "widgets" not in nb.get("metadata", {}), f"{path.name}: widget state stored"
+    size = path.stat().st_size
+    assert size < MAX_BYTES, f"{path.name}: {size:,} bytes (limit {MAX_BYTES:,}); lower the dpi"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
