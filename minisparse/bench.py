@@ -33,6 +33,7 @@ from numba import njit, prange
 from .data import bundled_text, get_batch, make_dataset
 from .generate import generate
 from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
+from .kernels.decode import decoder_for
 from .kernels.linear import PackedLinear
 from .kernels.simd import simd_level
 from .model import GPT, GPTConfig, KVCache
@@ -260,32 +261,53 @@ def _gpt(config, backend, seed=0):
 
 
 def decode_rows(quick, reps):
-    """Seconds per decoded token (KV cache, one position per step): the packed fast path of a
-    sparse (and ternary) ~50M-parameter config vs the dense float32 model of the same size on
-    the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
+    """Seconds per decoded token (KV cache, one position per step): the compiled decode step
+    of a packed sparse (and ternary) ~50M-parameter config vs the dense float32 model of the
+    same size on the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
         slow, fast = _gpt(base, "numpy"), _gpt(config, "numba")
         pack_model(fast)
-        steps = []
-        for model in (slow, fast):
-            cache = KVCache(model.config)
-            prompt = np.arange(8)[None] % 65
-
-            def step(model=model, cache=cache, prompt=prompt):
-                if cache.length == model.config.context:
-                    cache.reset()
-                if cache.length == 0:
-                    model(prompt, kv_cache=cache)
-                model(prompt[:, -1:], kv_cache=cache)
-
-            steps.append(step)
+        steps = [_engine_step(slow), _compiled_step(fast)]
         n = sum(p.size for _, p in fast.named_parameters())
         name = "decode_ternary" if "bits" in extra else "decode"
         row = compare(name, f"{n / 1e6:.1f}M", extra["sparsity"], steps[0], steps[1], 4 * reps)
         roofline = weight_bytes_per_token(fast.config) / stream_bandwidth()
         yield dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
+
+
+PROMPT = list(range(8))  # every decode row restarts from this prompt when the cache is full
+
+
+def _engine_step(model):
+    """One decoded token through the engine with a KV cache (the reference path)."""
+    cache = KVCache(model.config)
+    prompt = np.array([PROMPT])
+
+    def step():
+        if cache.length == model.config.context:
+            cache.reset()
+        if cache.length == 0:
+            model(prompt, kv_cache=cache)
+        model(prompt[:, -1:], kv_cache=cache)
+
+    return step
+
+
+def _compiled_step(model):
+    """One decoded token of a packed model through the compiled decode step."""
+    decoder = decoder_for(model)
+
+    def step():
+        if decoder.length == model.config.context:
+            decoder.reset()
+        if decoder.length == 0:
+            for t in PROMPT:
+                decoder.step(t)
+        decoder.step(PROMPT[-1])
+
+    return step
 
 
 def weight_bytes_per_token(config) -> float:
