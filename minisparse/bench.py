@@ -55,8 +55,21 @@ def add_parser(sub):
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--reps", type=_positive_reps, default=None,
                    help="timed repetitions per side (a positive integer)")
+    p.add_argument("--llama-bench", type=_executable, metavar="PATH",
+                   default=os.environ.get("MINISPARSE_LLAMA_BENCH") or None,
+                   help="a llama.cpp llama-bench binary: also time llama.cpp decoding a GGUF of "
+                        "the decode rows' model (default: $MINISPARSE_LLAMA_BENCH)")
     p.set_defaults(handler=run)
     return p
+
+
+def _executable(text):
+    """--llama-bench: an executable file, or argparse's one-line usage error."""
+    import argparse
+
+    if not (os.path.isfile(text) and os.access(text, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"not an executable file: {text!r}")
+    return text
 
 
 def _positive_reps(text):
@@ -82,7 +95,10 @@ def run(args) -> int:
     reps = args.reps if args.reps is not None else (3 if args.quick else 15)
     out = sys.stderr if args.json else sys.stdout
     rows = []
-    for row in _all_rows(args.quick, reps, out):
+    llama = args.llama_bench
+    if llama is not None:  # the environment's default skipped argparse's type check
+        llama = _executable(llama)
+    for row in _all_rows(args.quick, reps, out, llama):
         rows.append(row)
         if not args.json:
             print(_format(row), flush=True)
@@ -101,14 +117,17 @@ def _json_row(row):
     return r
 
 
-def _all_rows(quick, reps, out=sys.stdout):
+def _all_rows(quick, reps, out=sys.stdout, llama=None):
     if not quick:
         _print_header(out)
     yield from gemv_rows(quick, reps)
     yield from ternary_rows(quick, reps)
     yield ternary_cold_row(quick, reps)
     with blas_threads(1):
-        yield from decode_rows(quick, reps)
+        for row in decode_rows(quick, reps):
+            yield row
+            if llama is not None and row["name"] == "decode_ternary":
+                yield llama_row(llama, quick, row["baseline"] / row["ratio"])
         yield sample_row(quick)
         yield from train_rows(quick, reps)
     yield cold_start_row()
@@ -324,6 +343,34 @@ def _kept(config, d_in):
     if config.block is not None:
         return d_in * config.block[0] // config.block[1]
     return k_for(d_in, sparsity=config.sparsity) if config.sparsity else d_in
+
+
+def llama_row(binary, quick, ours_seconds, tokens=64):
+    """llama.cpp's decode speed on a GGUF of the decode rows' ternary model (llama
+    architecture, TQ2_0 where rows allow it; see minisparse.gguf), run by ``binary``
+    (llama-bench) on this machine's threads: baseline = its seconds per token, ratio = that
+    over ours (the decode_ternary row's compiled step, ternary + sparse 0.5)."""
+    import tempfile
+
+    from .gguf import write_gguf
+
+    base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
+    model = _gpt(dict(base, bits=1.58), "numpy")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.gguf")
+        write_gguf(model.params_dict(), model.config, [chr(32 + i) for i in range(65)], path)
+        out = subprocess.run([binary, "-m", path, "-p", "0", "-n", str(tokens), "-t",
+                              str(numba.get_num_threads()), "-r", "2" if quick else "5",
+                              "-o", "json"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    runs = [r for r in json.loads(out.stdout) if r.get("n_gen", 0) > 0]
+    if not runs:
+        raise RuntimeError("llama-bench printed no decode (n_gen > 0) result")
+    per_token = 1.0 / float(runs[0]["avg_ts"])
+    n = sum(p.size for _, p in model.named_parameters())
+    return {"name": "llama_cpp_tq2_0", "shape": f"{n / 1e6:.1f}M", "sparsity": 0.5,
+            "baseline": per_token, "ratio": per_token / ours_seconds, "unit": "s"}
 
 
 SAMPLE_TARGET = 3000.0  # characters per second the sample_tiny row aims at

@@ -6,6 +6,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from minisparse import bench
 
 
@@ -61,3 +63,32 @@ def test_weight_bytes_per_token_counts_kept_inputs_and_code_width():
                         sparsity=0.5, bits=1.58)
     kept = 2 * (4 * 4 * 8 + 2 * 4 * 16 + 8 * 8)  # K = 4 of 8, 8 of 16
     assert bench.weight_bytes_per_token(ternary) == kept / 4 + head
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+args = sys.argv[1:]
+model = args[args.index("-m") + 1]
+import gguf
+reader = gguf.GGUFReader(model)  # the file must be a readable GGUF
+assert reader.fields["general.architecture"].contents() == "llama"
+print(json.dumps([{{"n_prompt": 0, "n_gen": int(args[args.index("-n") + 1]), "avg_ts": 250.0}}]))
+"""
+
+
+def test_llama_bench_row_with_a_fake_binary(tmp_path):
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    row = bench.llama_row(str(fake), quick=True, ours_seconds=0.002)
+    assert row["name"] == "llama_cpp_tq2_0"
+    assert row["baseline"] == pytest.approx(1 / 250.0)
+    assert row["ratio"] == pytest.approx((1 / 250.0) / 0.002)
+
+
+def test_llama_bench_must_be_an_executable(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "minisparse", "bench", "--quick",
+                          "--llama-bench", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not an executable file" in out.stderr
