@@ -134,8 +134,12 @@ def _step(width, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes
                 v_cache[layer, hd, pos, j] = v[o + j]
             qh = att_out[o:o + dh] * inv
             scores = np.empty(pos + 1, np.float32)
-            for t in range(pos + 1):
-                scores[t] = np.dot(qh, k_cache[layer, hd, t])
+            for t in range(pos + 1):  # a loop, not np.dot: a BLAS call per position costs more
+                kt = k_cache[layer, hd, t]
+                acc = np.float32(0)
+                for j in range(dh):
+                    acc += qh[j] * kt[j]
+                scores[t] = acc
             scores = np.exp(scores - scores.max())
             scores /= scores.sum()
             for j in range(dh):
