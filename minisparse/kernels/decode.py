@@ -31,8 +31,6 @@ from .sparse_matmul import _gemv_serial as _float_gemv
 from .ternary import _absmax_row, _ternary_serial
 from .topk import _row_indices
 
-_WIDTHS = {"portable": 0, "avx2": 32, "avx512": 64}
-
 
 def _ternary_product(width, q, idx, codes, d_out):
     """int32 [d_out] = Σ_{i in idx} q_i t_oi (a stub: the compiled versions are below)."""
@@ -160,16 +158,35 @@ def _step(width, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes
     return tok_emb @ _rmsnorm(x, final_norm, eps)
 
 
-def _entry(width):
-    """The step with ``width`` fixed at compile time (one cached kernel per SIMD level)."""
-    args = ("token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales, "
-            "wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps")
-    space = {"_step": _step}
-    exec(f"def step_{width}({args}):\n    return _step({width}, {args})", space)
-    return njit(space[f"step_{width}"])
+# One cached entry per SIMD level, each passing its width as a literal (a new process then
+# loads the step from the cache instead of typing it again).
+@njit(cache=True)
+def _step_portable(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
+                   wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
+                   eps):
+    return _step(0, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                 relu2, eps)
 
 
-_ENTRY = {}  # SIMD level -> compiled step, built on first use
+@njit(cache=True)
+def _step_avx2(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
+               wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps):
+    return _step(32, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                 relu2, eps)
+
+
+@njit(cache=True)
+def _step_avx512(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
+                 wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
+                 eps):
+    return _step(64, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                 relu2, eps)
+
+
+_ENTRY = {"portable": _step_portable, "avx2": _step_avx2, "avx512": _step_avx512}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 
 
@@ -211,10 +228,7 @@ class Decoder:
         self.k_d = k_for(c.d_model, sparsity=c.sparsity) if c.sparsity else 0
         self.k_f = k_for(c.ffn_hidden, sparsity=c.sparsity) if c.sparsity else 0
         self.length = 0
-        level = simd_level()
-        if level not in _ENTRY:
-            _ENTRY[level] = _entry(_WIDTHS[level])
-        self._entry = _ENTRY[level]
+        self._entry = _ENTRY[simd_level()]
 
     def reset(self):
         self.length = 0
