@@ -15,6 +15,8 @@ PyTorch runs at its faster intra-op thread count here (1 or its default).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -22,13 +24,18 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from .data import bundled_text, get_batch, make_dataset
+from .generate import generate
 from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
+from .kernels.decode import decoder_for
+from .kernels.linear import PackedLinear
+from .kernels.simd import simd_level
 from .model import GPT, GPTConfig, KVCache
 from .optim import AdamW
 from .sparsity import k_for
@@ -46,44 +53,98 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="time the Numba fast path against dense NumPy")
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per side")
+    p.add_argument("--reps", type=_positive_reps, default=None,
+                   help="timed repetitions per side (a positive integer)")
+    p.add_argument("--llama-bench", type=_executable, metavar="PATH",
+                   default=os.environ.get("MINISPARSE_LLAMA_BENCH") or None,
+                   help="a llama.cpp llama-bench binary: also time llama.cpp decoding a GGUF of "
+                        "the decode rows' model (default: $MINISPARSE_LLAMA_BENCH)")
     p.set_defaults(handler=run)
     return p
 
 
+def _executable(text):
+    """--llama-bench: an executable file, or argparse's one-line usage error."""
+    import argparse
+
+    if not (os.path.isfile(text) and os.access(text, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"not an executable file: {text!r}")
+    return text
+
+
+def _positive_reps(text):
+    """--reps: a positive integer, or argparse's one-line usage error (never replaced)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+JSON_FIELDS = ("name", "shape", "sparsity", "baseline", "ratio")
+OPTIONAL_FIELDS = ("roofline", "value")  # decode rows; sample_tiny (characters per second)
+
+
 def run(args) -> int:
-    """Handler: measure every row, print the table (or the JSON list with --json)."""
-    reps = args.reps or (3 if args.quick else 15)
+    """Handler: measure every row, print the table (or, with --json, only the JSON list on
+    stdout; the header lines then go to stderr)."""
+    reps = args.reps if args.reps is not None else (3 if args.quick else 15)
+    out = sys.stderr if args.json else sys.stdout
     rows = []
-    for row in _all_rows(args.quick, reps):
+    llama = args.llama_bench
+    if llama is not None:  # the environment's default skipped argparse's type check
+        llama = _executable(llama)
+    for row in _all_rows(args.quick, reps, out, llama):
         rows.append(row)
         if not args.json:
             print(_format(row), flush=True)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("name", "shape", "sparsity", "baseline", "ratio")}
-                          for r in rows]))
+        print(json.dumps([_json_row(r) for r in rows]))
     return 0
 
 
-def _all_rows(quick, reps):
+def _json_row(row):
+    """The row's JSON fields: shapes of products (GEMV rows) as [d_in, d_out], other shapes
+    (model sizes, batch x context) as the table's strings."""
+    r = {k: row[k] for k in JSON_FIELDS}
+    r.update({k: row[k] for k in OPTIONAL_FIELDS if k in row})
+    if "gemv" in r["name"]:
+        r["shape"] = [int(d) for d in r["shape"].split("x")]
+    return r
+
+
+def _all_rows(quick, reps, out=sys.stdout, llama=None):
     if not quick:
-        _print_header()
+        _print_header(out)
     yield from gemv_rows(quick, reps)
     yield from ternary_rows(quick, reps)
+    yield ternary_cold_row(quick, reps)
     with blas_threads(1):
-        yield from decode_rows(quick, reps)
+        for row in decode_rows(quick, reps):
+            yield row
+            if llama is not None and row["name"] == "decode_ternary":
+                yield llama_row(llama, quick, row["baseline"] / row["ratio"])
+        yield sample_row(quick)
         yield from train_rows(quick, reps)
     yield cold_start_row()
 
 
-def _print_header():
+def _print_header(out):
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     print(f"# numpy {np.__version__}, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS}"
-          f" threads), {os.cpu_count()} cpus; env {env}")
+          f" threads), {os.cpu_count()} cpus; ternary SIMD level {simd_level()}; env {env}",
+          file=out)
     print(f"# one parallel region that does nothing takes {_region_seconds() * 1e6:.0f} µs here "
-          "(median): the fixed cost of every threaded kernel call")
-    print(f"# {'name':<22} {'shape':<12} {'S':>5} {'baseline':>11} {'ours':>11} {'ratio':>7}")
+          "(median): the fixed cost of every threaded kernel call", file=out)
+    print(f"# memory read bandwidth {stream_bandwidth() / 1e9:.1f} GB/s (the roofline's)",
+          file=out)
+    print(f"# {'name':<22} {'shape':<12} {'S':>5} {'baseline':>11} {'ours':>11} {'ratio':>7}",
+          file=out)
 
 
 @njit(parallel=True, cache=True)
@@ -110,8 +171,42 @@ def _format(row):
     unit = row.get("unit", "ms")
     scale = 1e3 if unit == "ms" else 1.0
     ours = row["baseline"] / row["ratio"]
+    extra = "".join(f"  {k} {row[k]:.3g}" for k in OPTIONAL_FIELDS if k in row)
     return (f"  {row['name']:<22} {row['shape']:<12} {s:>5} {row['baseline'] * scale:>9.3f}"
-            f"{unit:>2} {ours * scale:>9.3f}{unit:>2} {row['ratio']:>6.2f}x")
+            f"{unit:>2} {ours * scale:>9.3f}{unit:>2} {row['ratio']:>6.2f}x{extra}")
+
+
+@njit(cache=True)
+def _read_all(a):
+    total = 0
+    for i in range(a.shape[0]):
+        total += a[i]
+    return total
+
+
+@lru_cache(maxsize=1)
+def stream_bandwidth(nbytes=1 << 27, reps=5):
+    """Bytes per second one thread reads from memory: the best of ``reps`` sums over an array
+    larger than the last-level cache (the roofline's denominator)."""
+    a = np.ones(nbytes // 8, np.int64)
+    _read_all(a)
+    best = min(_timed(_read_all, a) for _ in range(reps))
+    return nbytes / best
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def _llc_bytes():
+    """The last-level cache size (Linux sysfs), or 64 MiB when unknown."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        return int(text.rstrip("K")) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return 64 << 20
 
 
 def compare(name, shape, sparsity, baseline, ours, reps, warmup=2):
@@ -159,6 +254,24 @@ def ternary_rows(quick, reps):
                           lambda x=x, k=k, p=packed: p.gemv(x, k, "none"), reps)
 
 
+def ternary_cold_row(quick, reps):
+    """The dense ternary GEMV with codes that come from memory: copies of the packed weight,
+    together more than twice the last-level cache, used in turn (the float32 baseline at this
+    size never fits in cache either)."""
+    d_in, d_out = (256, 512) if quick else GEMV_SHAPES[-1]
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((d_out, d_in), dtype=np.float32)
+    x = rng.standard_normal(d_in, dtype=np.float32)
+    packed = pack_linear(w, bits=1.58)
+    copies = 2 if quick else 2 + 2 * _llc_bytes() // packed.ternary.codes.nbytes
+    ring = [PackedLinear(w, None, dataclasses.replace(packed.ternary,
+                                                      codes=packed.ternary.codes.copy()))
+            for _ in range(copies)]
+    turn = itertools.cycle(ring)
+    return compare("ternary_gemv_cold", f"{d_in}x{d_out}", 0.0, lambda: x @ w.T,
+                   lambda: next(turn).gemv(x, None, "none"), reps)
+
+
 # --- whole models ---
 
 
@@ -167,31 +280,117 @@ def _gpt(config, backend, seed=0):
 
 
 def decode_rows(quick, reps):
-    """Seconds per decoded token (KV cache, one position per step): the packed fast path of a
-    sparse (and ternary) ~50M-parameter config vs the dense float32 model of the same size on
-    the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
+    """Seconds per decoded token (KV cache, one position per step): the compiled decode step
+    of a packed sparse (and ternary) ~50M-parameter config vs the dense float32 model of the
+    same size on the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
         slow, fast = _gpt(base, "numpy"), _gpt(config, "numba")
         pack_model(fast)
-        steps = []
-        for model in (slow, fast):
-            cache = KVCache(model.config)
-            prompt = np.arange(8)[None] % 65
-
-            def step(model=model, cache=cache, prompt=prompt):
-                if cache.length == model.config.context:
-                    cache.reset()
-                if cache.length == 0:
-                    model(prompt, kv_cache=cache)
-                model(prompt[:, -1:], kv_cache=cache)
-
-            steps.append(step)
+        steps = [_engine_step(slow), _compiled_step(fast)]
         n = sum(p.size for _, p in fast.named_parameters())
         name = "decode_ternary" if "bits" in extra else "decode"
         row = compare(name, f"{n / 1e6:.1f}M", extra["sparsity"], steps[0], steps[1], 4 * reps)
-        yield dict(row, unit="s")
+        roofline = weight_bytes_per_token(fast.config) / stream_bandwidth()
+        yield dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
+
+
+PROMPT = list(range(8))  # every decode row restarts from this prompt when the cache is full
+
+
+def _engine_step(model):
+    """One decoded token through the engine with a KV cache (the reference path)."""
+    cache = KVCache(model.config)
+    prompt = np.array([PROMPT])
+
+    def step():
+        if cache.length == model.config.context:
+            cache.reset()
+        if cache.length == 0:
+            model(prompt, kv_cache=cache)
+        model(prompt[:, -1:], kv_cache=cache)
+
+    return step
+
+
+def _compiled_step(model):
+    """One decoded token of a packed model through the compiled decode step."""
+    decoder = decoder_for(model)
+
+    def step():
+        if decoder.length == model.config.context:
+            decoder.reset()
+        if decoder.length == 0:
+            for t in PROMPT:
+                decoder.step(t)
+        decoder.step(PROMPT[-1])
+
+    return step
+
+
+def weight_bytes_per_token(config) -> float:
+    """Bytes of weights one decoded token reads: K_in * D_out per projection at 4 bytes
+    (float32) or 2 bits (ternary), plus the dense tied head [V, d] in float32 (SPEC 7)."""
+    d, f = config.d_model, config.ffn_hidden
+    kept = {n: _kept(config, n) for n in (d, f)}
+    per_weight = 0.25 if config.bits else 4.0
+    block = 4 * kept[d] * d + 2 * kept[d] * f + kept[f] * d
+    return config.n_layers * block * per_weight + 4.0 * config.vocab_size * d
+
+
+def _kept(config, d_in):
+    if config.block is not None:
+        return d_in * config.block[0] // config.block[1]
+    return k_for(d_in, sparsity=config.sparsity) if config.sparsity else d_in
+
+
+def llama_row(binary, quick, ours_seconds, tokens=64):
+    """llama.cpp's decode speed on a GGUF of the decode rows' ternary model (llama
+    architecture, TQ2_0 where rows allow it; see minisparse.gguf), run by ``binary``
+    (llama-bench) on this machine's threads: baseline = its seconds per token, ratio = that
+    over ours (the decode_ternary row's compiled step, ternary + sparse 0.5)."""
+    import tempfile
+
+    from .gguf import write_gguf
+
+    base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
+    model = _gpt(dict(base, bits=1.58), "numpy")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.gguf")
+        write_gguf(model.params_dict(), model.config, [chr(32 + i) for i in range(65)], path)
+        out = subprocess.run([binary, "-m", path, "-p", "0", "-n", str(tokens), "-t",
+                              str(numba.get_num_threads()), "-r", "2" if quick else "5",
+                              "-o", "json"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    runs = [r for r in json.loads(out.stdout) if r.get("n_gen", 0) > 0]
+    if not runs:
+        raise RuntimeError("llama-bench printed no decode (n_gen > 0) result")
+    per_token = 1.0 / float(runs[0]["avg_ts"])
+    n = sum(p.size for _, p in model.named_parameters())
+    return {"name": "llama_cpp_tq2_0", "shape": f"{n / 1e6:.1f}M", "sparsity": 0.5,
+            "baseline": per_token, "ratio": per_token / ours_seconds, "unit": "s"}
+
+
+SAMPLE_TARGET = 3000.0  # characters per second the sample_tiny row aims at
+
+
+def sample_row(quick):
+    """Characters per second of ``minisparse sample``'s path (pack_model, then generate with a
+    KV cache) on the default tiny model (``minisparse train``'s config). baseline = the target's
+    seconds per character, ratio = characters per second / target (>= 1 meets it)."""
+    model = _gpt(TRAIN_CONFIG, "numba")
+    pack_model(model)
+    size = sum(p.size for _, p in model.named_parameters())
+    n = 20 if quick else 300
+    generate(model, [0], 4, seed=0)  # warm-up: compiles
+    t = time.perf_counter()
+    generate(model, [0], n, seed=0)
+    value = n / (time.perf_counter() - t)
+    return {"name": "sample_tiny", "shape": f"{size / 1e6:.1f}M", "sparsity": None,
+            "baseline": 1.0 / SAMPLE_TARGET, "ratio": value / SAMPLE_TARGET, "unit": "s",
+            "value": value}
 
 
 def train_rows(quick, reps):

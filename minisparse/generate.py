@@ -7,6 +7,10 @@ one full pass over that window for every further token: keys in layers above the
 depend on everything the window attends to, so entries computed for an earlier window are
 stale (a sliding window cache would differ from the full forward). The logits therefore
 always equal a full forward pass over the visible window.
+
+A packed model (``kernels.pack_model``) whose config the compiled decode step covers runs
+each position through ``kernels.decode.Decoder`` (one compiled call per token) instead of the
+engine; a window is then refilled position by position, which the causal mask makes equal.
 """
 
 from __future__ import annotations
@@ -33,17 +37,35 @@ def sample_tokens(
         raise ValueError("the prompt is empty: give at least one token to start from")
     _check_options(max_new_tokens, temperature, top_k)
     context = model.config.context
-    cache = KVCache(model.config)
+    decoder = compiled_decoder(model)
+    cache = KVCache(model.config) if decoder is None else decoder
     for step in range(max_new_tokens):
         if step == 0 or cache.length == context:  # (re)fill the cache from the visible window
             cache.reset()
             new = ids[-context:]
         else:
             new = ids[-1:]
-        logits, _ = model(np.array([new]), kv_cache=cache)  # (1, len(new), V)
-        token = pick_token(logits.data[0, -1], temperature, top_k, rng)
+        if decoder is None:
+            logits = model(np.array([new]), kv_cache=cache)[0].data[0, -1]  # (1, len(new), V)
+        else:
+            for t in new:
+                logits = decoder.step(t)
+        token = pick_token(logits, temperature, top_k, rng)
         ids.append(token)
         yield token
+
+
+def compiled_decoder(model):
+    """The compiled decode step for a packed model it covers, else None (the engine path)."""
+    if not any(getattr(p, "packed", None) is not None for _, p in model.named_parameters()):
+        return None
+    from numba import config
+
+    if config.DISABLE_JIT:
+        return None
+    from .kernels.decode import decoder_for
+
+    return decoder_for(model)
 
 
 def generate(

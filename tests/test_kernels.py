@@ -17,7 +17,7 @@ from strategies import rows_and_block, rows_and_k
 
 from minisparse import kernels
 from minisparse import linear as reference
-from minisparse.kernels import sparse_matmul, ternary, topk
+from minisparse.kernels import simd, sparse_matmul, ternary, topk
 from minisparse.quant import absmax_quantize, absmean_ternarize
 from minisparse.sparsity import block_topk_mask, topk_mask
 from minisparse.tensor import Tensor, no_grad
@@ -44,6 +44,15 @@ def threads(request, monkeypatch):
         monkeypatch.setattr(ternary, "PARALLEL_MIN_CODES", 0)
         monkeypatch.setattr(ternary, "PARALLEL_MIN_SIZE", 0)
         monkeypatch.setattr(topk, "PARALLEL_MIN_SIZE", 0)
+    return request.param
+
+
+@pytest.fixture(params=simd.LEVELS)
+def level(request, monkeypatch):
+    """Run the ternary kernels on each SIMD path (MINISPARSE_SIMD); skip those the CPU lacks."""
+    if request.param not in simd.host_levels():
+        pytest.skip(f"this CPU runs only {simd.host_levels()}, not {request.param}")
+    monkeypatch.setenv("MINISPARSE_SIMD", request.param)
     return request.param
 
 
@@ -138,9 +147,9 @@ def test_pack_ternary_round_trip(case):
     assert packed.scale == s
 
 
-@same_threads
-@given(problems(max_in=300, max_out=300))
-def test_ternary_product_is_integer_exact(threads, case):
+@settings(same_threads, max_examples=40)
+@given(problems(max_in=300, max_out=600))
+def test_ternary_product_is_integer_exact(threads, level, case):
     x, w, k = case
     q, _ = absmax_quantize(x[:1] * 50)
     q = q[0]
@@ -152,9 +161,11 @@ def test_ternary_product_is_integer_exact(threads, case):
     np.testing.assert_array_equal(got, exact)
 
 
-def test_ternary_int16_partial_sums_hold_the_extremes():
-    # 300 rows of q = -128 against t = +1 and -1: |partial sums| reach 128 * 256 per flush.
-    w = np.where(np.arange(300)[None, :] % 2 == 0, 1.0, -1.0) * np.ones((130, 1))
+@pytest.mark.parametrize("sign", [1, -1])
+def test_ternary_int16_partial_sums_hold_the_extremes(threads, level, sign):
+    # 300 rows of q = -128 against t = +1 and -1: |partial sums| reach 128 * 256 per flush;
+    # on the SIMD paths every pair lane reaches -512 (c = 2) or 0 (c = 0), 16 pairs per flush.
+    w = sign * np.where(np.arange(300)[None, :] % 2 == 0, 1.0, -1.0) * np.ones((130, 1))
     q = np.full(300, -128, np.int8)
     idx = np.arange(300)
     t, _ = absmean_ternarize(w)
@@ -273,6 +284,34 @@ def test_inner_loops_use_vector_multiply_adds():
     assert re.search(r"vpmullw\s[^\n]*" + _WIDE, asm), "ternary GEMV: no vector 16-bit multiply"
 
 
+def test_simd_level_is_forced_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MINISPARSE_SIMD", "portable")
+    assert simd.simd_level() == "portable"
+    monkeypatch.setenv("MINISPARSE_SIMD", "sse9")
+    with pytest.raises(ValueError, match="MINISPARSE_SIMD must be one of"):
+        simd.simd_level()
+    monkeypatch.delenv("MINISPARSE_SIMD")
+    assert simd.simd_level() == simd.host_levels()[-1]
+
+
+def test_simd_lanes_cover_each_tile_byte_once():
+    for width in (32, 64):
+        lanes = simd.lane_bytes(width)
+        assert sorted(lanes.ravel()) == list(range(width))
+
+
+@pytest.mark.skipif("avx2" not in simd.host_levels(), reason="needs an x86-64 CPU with AVX2")
+def test_simd_kernel_issues_vpmaddubsw():
+    def tiles(codes, rows, xpairs, scratch, sums):
+        simd._tiles(32, codes, rows, xpairs, 0, 1, scratch, sums)  # inlined: compiled here
+
+    fresh = njit(tiles)
+    fresh(np.ones((8, 32), np.uint8), np.arange(8), np.ones(4, np.int16),
+          np.empty(128, np.int16), np.empty((1, 128), np.int32))
+    asm = "".join(fresh.inspect_asm().values())
+    assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 ternary GEMV: no vpmaddubsw"
+
+
 # --- the backend switch ---
 
 
@@ -307,6 +346,8 @@ w = Tensor(np.ones((4, 10), np.float32))
 y = linear.sparse_linear(Tensor(x), w, sparsity=0.5)      # reference composition
 assert np.allclose(y.data, np.where(topk_mask(x, 5), x, 0) @ w.data.T)
 assert (kernels.topk_mask(x, 5) == topk_mask(x, 5)).all()  # kernels as plain Python
+from minisparse.kernels import simd
+assert simd.simd_level() == "portable"  # no intrinsics when interpreted
 print("ok")
 """
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

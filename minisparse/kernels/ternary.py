@@ -28,6 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant import absmean_ternarize
+from .simd import simd_gemv_int, simd_level
 from .topk import PARALLEL_MIN_SIZE
 
 PARALLEL_MIN_CODES = 1 << 23  # K * D_out below this: one thread (see sparse_matmul.py)
@@ -197,12 +198,20 @@ def _ternary_parallel(x16, idx, words, d_out, parts):
 
 
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
-    """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs)."""
+    """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs).
+
+    On x86 with AVX2 / AVX-512BW the vpmaddubsw kernels of ``simd.py`` run (the same layout);
+    elsewhere, or with MINISPARSE_SIMD=portable, the portable loop below."""
+    parallel = idx.shape[0] * p.shape[0] >= PARALLEL_MIN_CODES
+    level = simd_level()
+    if level != "portable":
+        return simd_gemv_int(np.ascontiguousarray(xq), np.ascontiguousarray(idx, np.int64),
+                             p.codes, p.shape[0], level, get_num_threads() if parallel else 1)
     # Codes widened to int16 before the kernel: told that x fits in 8 bits, LLVM picks a
     # vectorisation of the inner loop that runs at half the speed.
     x16 = xq.astype(np.int16)
     words = np.ascontiguousarray(p.codes).view(np.uint16)  # [D_in, Q / 2], little-endian pairs
-    if idx.shape[0] * p.shape[0] < PARALLEL_MIN_CODES:
+    if not parallel:
         return _ternary_serial(x16, idx, words, p.shape[0])
     return _ternary_parallel(x16, idx, words, p.shape[0], get_num_threads())
 
