@@ -15,6 +15,8 @@ implemented yet", never raised: a lesson runs top to bottom before the learner's
   absmean       3       fn(w) -> (t int8, s scalar)              absmean_ternarize; "absmean"
   sparse_gemv   5       fn(x, idx, wt) -> y, a Numba kernel      W[:, idx] @ x[idx], float64
   bitlinear     7       fn(x, w, k) -> y, torch tensors          oracle sparse_linear_*, bits=1.58
+  threshold_mask 8      fn(x, tau) -> bool mask |x| > tau       threshold_mask (SPEC §11)
+  calibrate_threshold 8 fn(values, sparsity) -> tau             calibrate_threshold (SPEC §11)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from .oracle import sparse_linear_backward, sparse_linear_forward
 from .quant import absmax_quantize, absmean_ternarize
-from .sparsity import topk_backward, topk_forward
+from .sparsity import calibrate_threshold, threshold_mask, topk_backward, topk_forward
 from .tensor import Tensor
 
 
@@ -439,5 +441,61 @@ BITLINEAR = Exercise(
 )
 
 
+# ---- lesson 8: threshold sparsity (training-free, SPEC §11) -----------------------------------
+
+
+THRESHOLD_MASK = Exercise(
+    outputs=("mask",), exact=("mask",),
+    run=lambda fn, c: {"mask": fn(c.args["x"].copy(), c.args["tau"])},
+    reference=lambda c: {"mask": threshold_mask(c.args["x"], c.args["tau"])},
+    rules={"mask": "M = |x| > tau, strict (an entry equal to tau is dropped), a bool array of "
+                   "x's shape; one tau for every row, so rows keep different counts (SPEC §11)"},
+    cases=(
+        Case("a typical row", {"x": _f32([0.1, -0.7, 0.4, 0.9, -0.2, 0.3]), "tau": 0.25},
+             "keep the entries whose magnitude |x| exceeds tau, negative ones too"),
+        Case("entries equal to tau", {"x": _f32([0.5, -0.5, 0.25, 1.0]), "tau": 0.5},
+             "the comparison is strict: |x| = tau is dropped (use >, not >=), so ties at the "
+             "calibrated tau fall on the dropped side"),
+        Case("tau = 0 drops only exact zeros", {"x": _f32([0.0, -0.0, 1e-8, -3.0]), "tau": 0.0},
+             "with tau = 0 every nonzero entry is kept, however small; 0 and -0 are dropped"),
+        Case("rows keep different counts", {"x": _f32([[1, 2, 3], [0.1, 0.2, 3]]), "tau": 0.5},
+             "one tau for the whole tensor, no per-row K: row 0 keeps 3 entries, row 1 keeps 1"),
+    ),
+)
+
+
+def _calibration_case(title, values, sparsity, hint):
+    return Case(title, {"values": np.array(values, np.float64), "sparsity": sparsity}, hint)
+
+
+CALIBRATE_THRESHOLD = Exercise(
+    outputs=("tau",),
+    run=lambda fn, c: {"tau": fn(c.args["values"].copy(), c.args["sparsity"])},
+    reference=lambda c: {"tau": np.asarray(calibrate_threshold(c.args["values"],
+                                                               c.args["sparsity"]))},
+    rules={"tau": "sort |values| ascending a_1 <= ... <= a_n, j = floor(S · n) (one float64 "
+                  "product), tau = a_j, 1-indexed (a[j - 1] in Python); tau = 0 if j = 0 "
+                  "(SPEC §11)"},
+    cases=(
+        _calibration_case("ten values, S = 0.5",
+                          [0.3, 0.1, 0.8, 0.5, 1.0, 0.2, 0.7, 0.4, 0.9, 0.6], 0.5,
+                          "j = floor(0.5 · 10) = 5 and tau = a_5, the 5th smallest = 0.5: "
+                          "a_j is 1-indexed, so in Python it is a[j - 1], not a[j]"),
+        _calibration_case("S · n is not an integer", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], 0.5,
+                          "j = floor(0.5 · 7) = floor(3.5) = 3, tau = a_3 = 0.3: round down "
+                          "(math.floor), not up (ceil) or to nearest"),
+        _calibration_case("j = 0", [0.5, 0.1, 0.9], 0.2,
+                          "j = floor(0.2 · 3) = 0: tau = 0 (drop only exact zeros); a[j - 1] "
+                          "with j = 0 would be a[-1], the largest value"),
+        _calibration_case("negative values count by magnitude", [-0.9, 0.2, -0.1, 0.5], 0.5,
+                          "sort |values|: [0.1, 0.2, 0.5, 0.9], j = 2, tau = 0.2"),
+        _calibration_case("S · n in float64, exactly as written", np.arange(1, 101) / 100, 0.29,
+                          "0.29 * 100 is 28.999999999999996 in float64, so j = 28 and tau = "
+                          "0.28: compute one product and floor it, no rounding or epsilon"),
+    ),
+)
+
+
 EXERCISES = {"tanh": TANH, "topk": TOPK, "ste_backward": STE_BACKWARD, "absmax": ABSMAX,
-             "absmean": ABSMEAN, "sparse_gemv": SPARSE_GEMV, "bitlinear": BITLINEAR}
+             "absmean": ABSMEAN, "sparse_gemv": SPARSE_GEMV, "bitlinear": BITLINEAR,
+             "threshold_mask": THRESHOLD_MASK, "calibrate_threshold": CALIBRATE_THRESHOLD}

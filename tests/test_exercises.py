@@ -1,17 +1,20 @@
 """The lessons' exercise graders: every solution in lessons/solutions passes, and the classic wrong
 answers fail with a message that names the case and the rule a beginner broke."""
 
+import math
+
 import numpy as np
 import pytest
 from numba import njit
 
-from lessons.solutions import lesson1, lesson2, lesson3, lesson5
+from lessons.solutions import lesson1, lesson2, lesson3, lesson5, lesson8
 from minisparse.exercises import EXERCISES, grade
 from minisparse.tensor import Tensor
 
 SOLUTIONS = {"tanh": lesson1.tanh, "topk": lesson2.topk, "ste_backward": lesson2.ste_backward,
              "absmax": lesson3.absmax, "absmean": lesson3.absmean,
-             "sparse_gemv": lesson5.sparse_gemv}
+             "sparse_gemv": lesson5.sparse_gemv, "threshold_mask": lesson8.threshold_mask,
+             "calibrate_threshold": lesson8.calibrate_threshold}
 
 
 def _bitlinear_solution():
@@ -127,6 +130,42 @@ def tanh_plain_numpy(x):
     return Tensor(np.tanh(x.data))
 
 
+def mask_not_strict(x, tau):
+    return np.abs(x) >= tau
+
+
+def mask_of_values(x, tau):  # the sparsified x instead of the mask
+    return x * (np.abs(x) > tau)
+
+
+def calibrate_ceil(values, sparsity):
+    a = np.sort(np.abs(values))
+    j = math.ceil(sparsity * a.size)
+    return 0.0 if j == 0 else float(a[j - 1])
+
+
+def calibrate_zero_indexed(values, sparsity):  # a[j]: the (j+1)-th smallest
+    a = np.sort(np.abs(values))
+    return float(a[math.floor(sparsity * a.size)])
+
+
+def calibrate_forgets_j0(values, sparsity):
+    a = np.sort(np.abs(values))
+    return float(a[math.floor(sparsity * a.size) - 1])
+
+
+def calibrate_signed(values, sparsity):  # sorts the values, not their magnitudes
+    a = np.sort(values)
+    j = math.floor(sparsity * a.size)
+    return 0.0 if j == 0 else float(a[j - 1])
+
+
+def calibrate_epsilon(values, sparsity):  # "fixes" float64 rounding in S * n
+    a = np.sort(np.abs(values))
+    j = math.floor(sparsity * a.size + 1e-9)
+    return 0.0 if j == 0 else float(a[j - 1])
+
+
 WRONG = [
     ("topk", topk_threshold, ["a tie at the k-th magnitude", "lower index wins", "expected",
                               "you returned", "x = float32 (6,)"]),
@@ -143,6 +182,13 @@ WRONG = [
     ("tanh", tanh_forgets_g, ["random weights c", "x.grad differs", "upstream gradient"]),
     ("tanh", tanh_uses_x, ["one number", "1 - tanh(x)²"]),
     ("tanh", tanh_plain_numpy, ["does not require grad", "Tensor.from_op"]),
+    ("threshold_mask", mask_not_strict, ["entries equal to tau", "use >, not >=", "expected"]),
+    ("threshold_mask", mask_of_values, ["mask has dtype float32, expected bool"]),
+    ("calibrate_threshold", calibrate_ceil, ["not an integer", "not up (ceil)"]),
+    ("calibrate_threshold", calibrate_zero_indexed, ["ten values", "a[j - 1], not a[j]"]),
+    ("calibrate_threshold", calibrate_forgets_j0, ["j = 0", "a[-1], the largest"]),
+    ("calibrate_threshold", calibrate_signed, ["count by magnitude", "sort |values|"]),
+    ("calibrate_threshold", calibrate_epsilon, ["exactly as written", "28.999999999999996"]),
 ]
 
 
