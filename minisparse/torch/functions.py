@@ -75,16 +75,30 @@ def threshold(x: torch.Tensor, tau: torch.Tensor, *, ste=True) -> torch.Tensor:
     return Sparsify.apply(x, x.abs() > tau, torch.ones_like(x[..., :1]), ste)
 
 
+def absmax_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (q int8 [..., D], s [..., 1]): s = 127 / max(max|x|, 1e-5) per row,
+    q = clip(round(x s), -128, 127) (SPEC 3; torch.round rounds half to even)."""
+    gamma = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
+    # one division, as SPEC 3 writes it: torch evaluates `127 / t` as 127 * (1 / t)
+    s = torch.full_like(gamma, 127.0) / gamma
+    return torch.clamp(torch.round(x * s), -128, 127).to(torch.int8), s
+
+
+def absmean_ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w -> (t int8 in {-1, 0, 1}, s 0-d): s = 1 / max(mean|w|, 1e-5) over the whole matrix,
+    t = clip(round(w s), -1, 1) (SPEC 4)."""
+    alpha = w.abs().mean().clamp_min(1e-5)
+    s = torch.ones_like(alpha) / alpha  # one division (see absmax_quantize)
+    return torch.clamp(torch.round(w * s), -1, 1).to(torch.int8), s
+
+
 class ActQuant(torch.autograd.Function):
-    """Q(x) = q / s, s = 127 / max(max|x|, 1e-5) per row, q = clip(round(x s), -128, 127)
-    (SPEC 3; torch.round rounds half to even); backward the identity (STE)."""
+    """Q(x) = q / s with per-row int8 absmax codes (SPEC 3); backward the identity (STE)."""
 
     @staticmethod
     def forward(ctx, x):
-        gamma = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
-        # one division, as SPEC 3 writes it: torch evaluates `127 / t` as 127 * (1 / t)
-        s = torch.full_like(gamma, 127.0) / gamma
-        return torch.clamp(torch.round(x * s), -128, 127) / s
+        q, s = absmax_quantize(x)
+        return q / s
 
     @staticmethod
     def backward(ctx, g):
@@ -92,14 +106,12 @@ class ActQuant(torch.autograd.Function):
 
 
 class WeightQuant(torch.autograd.Function):
-    """Qw(w) = t / s, s = 1 / max(mean|w|, 1e-5) over the whole matrix, t = clip(round(w s),
-    -1, 1) (SPEC 4); backward the identity (STE)."""
+    """Qw(w) = t / s with ternary absmean codes (SPEC 4); backward the identity (STE)."""
 
     @staticmethod
     def forward(ctx, w):
-        alpha = w.abs().mean().clamp_min(1e-5)
-        s = torch.ones_like(alpha) / alpha  # one division (see ActQuant)
-        return torch.clamp(torch.round(w * s), -1, 1) / s
+        t, s = absmean_ternarize(w)
+        return t / s
 
     @staticmethod
     def backward(ctx, g):
