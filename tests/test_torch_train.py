@@ -101,3 +101,11 @@ def test_torchrun_two_processes_follow_one(text_file, tmp_path):
 def test_the_backend_flag_is_refused(capsys):
     assert torch_train.main(["--backend", "numpy", "--iters", "1"]) == 2
     assert "--backend" in capsys.readouterr().err
+
+
+def test_bench_row_of_the_torch_trainer():
+    from minisparse import bench
+
+    (row,) = bench.trainer_tokens_row(quick=True)
+    assert row["name"] == "trainer_tokens_torch" and row["shape"] == "2x16"
+    assert 0 < row["baseline"] < 1 and 0 < row["ratio"] < float("inf")
