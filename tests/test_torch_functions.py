@@ -13,6 +13,7 @@ from minisparse.oracle import (  # noqa: E402
     assert_conforms,
     dequantize,
     sparse_linear_forward,
+    topk_forward,
 )
 from minisparse.torch import GLU, MoE, QSparseLinear, qsparse_linear, threshold  # noqa: E402
 from minisparse.torch import functions as F  # noqa: E402
@@ -51,8 +52,50 @@ def test_ops_conform_to_the_reference(torch_device):
         "absmean": wrap(F.absmean_ternarize),
         "sparse_linear": wrap(lambda x, w, **p: qsparse_linear(x, w, **p), grads=True),
     }
+    if not _reference_l2_is_underflow_safe():
+        del ops["sparsify"]  # covered by test_l2_rescale_neither_overflows_nor_underflows
     for op, fn in ops.items():
         assert_conforms(op, fn, max_examples=CASES)
+
+
+def _reference_l2_is_underflow_safe():
+    """SPEC 1 asks for norms without underflow; the NumPy reference before the oracle work of
+    issue 13 squares first, so a float32 row of 5e-31 gets r = 0 instead of 1 there."""
+    return topk_forward(np.array([[-5e-31]], np.float32), k=1, rescale="l2")[2].item() == 1
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-30), (torch.float32, 1e25),
+                                          (torch.float64, 1e-200), (torch.float64, 1e200)])
+def test_l2_rescale_neither_overflows_nor_underflows(dtype, scale):
+    """SPEC 1: r = ||x|| / max(||x ⊙ M||, 1e-12) is the mathematical value for any finite row,
+    here checked against the same rows at scale 1 (r is scale-free while ||x ⊙ M|| > 1e-12)."""
+    x = torch.tensor([[3.0, -4.0, 1.0, 2.0, -2.0, 0.5]], dtype=torch.float64)
+    exact = F.l2_rescale(x, F.topk_mask(x, 2))
+    y = (x * scale).to(dtype)
+    r = F.l2_rescale(y, F.topk_mask(y, 2))
+    assert torch.isfinite(r).all()
+    if scale > 1:
+        np.testing.assert_allclose(r.double().numpy(), exact.numpy(), rtol=1e-6)
+    else:  # ||x ⊙ M|| < 1e-12: the floor applies, r = ||x|| / 1e-12
+        norm = scale * float(np.sqrt(34.25))  # ||x|| = sqrt(9 + 16 + 1 + 4 + 4 + 0.25)
+        np.testing.assert_allclose(r.double().numpy(), [[norm / 1e-12]], rtol=1e-6)
+
+
+def test_qsparse_linear_module_conforms(torch_device):
+    """The module itself through the harness: its weight is the parameter the gradient hits."""
+
+    def module(x, w, grad_y, **options):
+        w = torch.from_numpy(w)
+        layer = QSparseLinear(w.shape[1], w.shape[0], dtype=w.dtype, device=torch_device,
+                              **options)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        x = torch.from_numpy(x).to(torch_device).requires_grad_()
+        y = layer(x)
+        y.backward(torch.from_numpy(grad_y).to(torch_device))
+        return tuple(t.detach().cpu().numpy() for t in (y, x.grad, layer.weight.grad))
+
+    assert_conforms("sparse_linear", module, max_examples=CASES)
 
 
 def test_torch_topk_would_fail_the_tie_rule():

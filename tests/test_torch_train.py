@@ -41,7 +41,7 @@ def text_file(tmp_path_factory):
 
 def test_one_process_follows_the_numpy_trainer_and_eval_reads_it(text_file, tmp_path, capsys):
     ours = torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path / "t",
-                             progress=False)
+                             progress=False, device="cpu")
     engine = numpy_train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path / "n",
                          backend="numpy", progress=False)
     np.testing.assert_allclose(ours.train_loss, engine.train_loss, rtol=1e-4)
@@ -57,12 +57,12 @@ def test_either_trainer_resumes_a_torch_checkpoint(text_file, tmp_path):
     and in the NumPy trainer gives the same continuation (float rounding apart)."""
     for out in ("t", "n"):
         torch_train.train(MODEL, {**SETTINGS, "iters": 4}, data_path=text_file,
-                          out_dir=tmp_path / out, progress=False)
+                          out_dir=tmp_path / out, progress=False, device="cpu")
     saved = load_checkpoint(tmp_path / "t" / "ckpt.npz")
     assert saved.step == 4 and saved.optimizer["step.0"] == 4
     assert np.abs(saved.optimizer["m.0"]).max() > 0
     ours = torch_train.train(settings={"iters": 8}, resume=True, out_dir=tmp_path / "t",
-                             progress=False)
+                             progress=False, device="cpu")
     engine = numpy_train(settings={"iters": 8}, resume=True, out_dir=tmp_path / "n",
                          backend="numpy", progress=False)
     assert ours.step == engine.step == 8
@@ -81,9 +81,10 @@ def test_torchrun_two_processes_follow_one(text_file, tmp_path):
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     one = torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path / "one",
-                            progress=False)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+                            progress=False, device="cpu")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, as the 1-process run
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "minisparse.torch.train", *FLAGS, "--data", str(text_file),
@@ -96,6 +97,15 @@ def test_torchrun_two_processes_follow_one(text_file, tmp_path):
     worst = np.max(np.abs(np.subtract(two.history["train_loss"], one.train_loss))
                    / np.abs(one.train_loss))
     print(f"2 processes vs 1: largest relative loss difference {worst:.2g}")
+
+
+def test_trains_on_each_device(text_file, tmp_path, torch_device):
+    """On a GPU the trainer runs under bf16 autocast: it must still learn and write a
+    checkpoint minisparse reads (its curve is not held to the float32 one)."""
+    result = torch_train.train(MODEL, {**SETTINGS, "iters": 20}, data_path=text_file,
+                               out_dir=tmp_path, progress=False, device=torch_device)
+    assert result.train_loss[-1] < result.train_loss[0]
+    assert load_checkpoint(result.checkpoint).step == 20
 
 
 def test_the_backend_flag_is_refused(capsys):

@@ -33,17 +33,6 @@ def model_config(config) -> dict:
     return {**LATER_FIELDS, **base, **later}
 
 
-def gpt_config(config: dict) -> GPTConfig:
-    """The engine's GPTConfig of a model_config dict (for checkpoints); a field the engine does
-    not know yet must hold its default."""
-    extra = {k: v for k, v in config.items() if k not in _ENGINE_FIELDS}
-    changed = {k: v for k, v in extra.items() if v != LATER_FIELDS.get(k)}
-    if changed:
-        raise ValueError(f"this minisparse's GPTConfig cannot store {changed} yet: checkpoints "
-                         "of MoE or threshold models need the engine's MoE/threshold fields")
-    return GPTConfig.from_dict({k: v for k, v in config.items() if k in _ENGINE_FIELDS})
-
-
 def _check_later(c: dict) -> None:
     if c["ffn"] not in ("glu", "moe"):
         raise ValueError(f'ffn must be "glu" or "moe", got {c["ffn"]!r}')

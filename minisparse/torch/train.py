@@ -30,7 +30,6 @@ from ..data import CharTokenizer, DataError, get_batch, make_dataset
 from ..model import param_shapes
 from ..optim import lr_at
 from ..train import CKPT_NAME, TrainResult, _config, _Progress, _settings, resolve_text
-from .config import gpt_config
 from .model import GPT
 
 
@@ -50,10 +49,11 @@ def evaluate(model: GPT, data: np.ndarray, rng: np.random.Generator, batches: in
 
 def train(model_config=None, settings=None, *, text=None, data_path=None,
           out_dir="runs/default", resume=False, init_from=None, overwrite=False,
-          progress=True) -> TrainResult:
+          progress=True, device=None) -> TrainResult:
     """``minisparse.train.train`` in PyTorch (same arguments but ``backend``): on every process
-    of a torchrun launch, or alone. Rank 0 logs and writes ``out_dir/ckpt.npz``."""
-    rank, world, device = _start_processes()
+    of a torchrun launch, or alone. Rank 0 logs and writes ``out_dir/ckpt.npz``. ``device``:
+    None picks this process's GPU if there is one (bf16 autocast), else the CPU."""
+    rank, world, device = _start_processes(device)
     if resume and init_from is not None:
         raise ValueError("use either resume or init_from, not both")
     ckpt_path = Path(out_dir) / CKPT_NAME
@@ -98,7 +98,7 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
         if rank == 0:
             params = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}
             save_checkpoint(ckpt_path, Checkpoint(
-                config=gpt_config(model.config), params=params, vocab=tokenizer.vocab,
+                config=config, params=params, vocab=tokenizer.vocab,
                 step=step, optimizer=_engine_adamw(optimizer, model, names),
                 rng_state=rng.bit_generator.state, settings=settings.to_dict(),
                 data=data_info, history=history))
@@ -158,12 +158,14 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
     return result
 
 
-def _start_processes():
+def _start_processes(device=None):
     """(rank, world size, device); joins the torchrun process group when launched by it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     if world == 1:
         return 0, 1, device
     if cuda:
