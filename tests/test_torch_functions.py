@@ -11,7 +11,10 @@ from minisparse.oracle import (  # noqa: E402
     absmax_quantize,
     absmean_ternarize,
     assert_conforms,
+    compare,
     dequantize,
+    ffn_backward,
+    ffn_forward,
     sparse_linear_forward,
     topk_forward,
 )
@@ -225,6 +228,31 @@ def test_moe_gradients_match_finite_differences():
         return out.square().sum() + aux
 
     assert torch.autograd.gradcheck(loss, tuple(w.requires_grad_() for w in weights))
+
+
+@pytest.mark.parametrize("act", ["relu2", "silu"])
+@pytest.mark.parametrize("linear", [{}, dict(sparsity=0.5, rescale="l2"),
+                                    dict(bits=1.58, block=(2, 4), ste=False)])
+def test_glu_matches_the_oracle_ffn(torch_device, act, linear):
+    rng = np.random.default_rng(0)
+    glu = GLU(8, 16, act, 0.02, rng, torch.float64)
+    with torch.no_grad():
+        for p in glu.parameters():
+            p.mul_(30)
+    glu = glu.to(torch_device)
+    h, grad_y = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 8))
+    x = torch.from_numpy(h).to(torch_device).requires_grad_()
+    y = glu(x, linear)
+    y.backward(torch.from_numpy(grad_y).to(torch_device))
+    w = [getattr(glu, n).detach().cpu().numpy() for n in ("up", "gate", "down")]
+    opts = {k: v for k, v in linear.items() if k != "ste"}
+    got = [y.detach(), x.grad, glu.up.grad, glu.gate.grad, glu.down.grad]
+    expected = [ffn_forward(h, *w, act=act, **opts),
+                *ffn_backward(grad_y, h, *w, act=act, ste=linear.get("ste", True), **opts)]
+    for name, ours, ref in zip(["y", "dh", "d_up", "d_gate", "d_down"], got, expected,
+                               strict=True):
+        mismatch = compare(name, ours.cpu().numpy(), ref, "reduction")
+        assert mismatch is None, str(mismatch)
 
 
 def test_glu_trace_records_inputs_before_quantization(torch_device):

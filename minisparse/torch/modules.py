@@ -62,8 +62,14 @@ def project(name, x, w, linear: dict, tau=None, trace=None):
     arrays: x [..., D_in] as given (before A and sparsify), y [..., D_out]."""
     y = qsparse_linear(x, w, tau=tau, **linear)
     if trace is not None:
-        trace[name] = (x.detach().cpu().numpy(), y.detach().cpu().numpy())
+        trace[name] = (_numpy(x), _numpy(y))
     return y
+
+
+def _numpy(t):
+    """A tensor as a NumPy array; bf16 / fp16 (under autocast) widened to float32."""
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
 
 
 def normal_(w: torch.Tensor, rng, std: float) -> torch.Tensor:
