@@ -108,6 +108,23 @@ def test_trains_on_each_device(text_file, tmp_path, torch_device):
     assert load_checkpoint(result.checkpoint).step == 20
 
 
+def test_ctrl_c_saves_and_stops(text_file, tmp_path, monkeypatch):
+    import signal
+
+    step = torch_train._Progress.step
+
+    def press_ctrl_c_at_step_2(self, n, *args):
+        step(self, n, *args)
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(torch_train._Progress, "step", press_ctrl_c_at_step_2)
+    result = torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path,
+                               progress=False, device="cpu")
+    assert result.stopped.startswith("interrupted at step 2")
+    assert load_checkpoint(result.checkpoint).step == 2
+
+
 def test_the_backend_flag_is_refused(capsys):
     assert torch_train.main(["--backend", "numpy", "--iters", "1"]) == 2
     assert "--backend" in capsys.readouterr().err

@@ -156,6 +156,8 @@ class GPT(nn.Module):
         """idx int [B, T] -> (logits [B, T, V], loss or None): mean cross-entropy against
         ``targets`` plus moe_aux · the mean load-balancing loss over layers when MoE.
         ``trace``: a dict to fill with {projection name: (input, output)} NumPy arrays."""
+        if idx.ndim != 2:
+            raise ValueError(f"GPT: idx must be token ids of shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config["context"]:
             raise ValueError(f"GPT: {T} positions exceed context={self.config['context']}")

@@ -10,7 +10,8 @@ its own consecutive slice of ``batch / N`` rows, and DDP averages the gradients 
 N-process run follows the 1-process run up to float rounding (the all-reduce sums the
 per-rank gradients in another order). gloo on the CPU, NCCL on CUDA, bf16 autocast on a GPU.
 Checkpoints are minisparse's own (``minisparse eval`` / ``sample`` / ``train --resume`` read
-them; the AdamW moments are stored in the engine's format).
+them; the AdamW moments are stored in the engine's format). Ctrl-C (SIGINT on every process)
+saves at the next step boundary, which all ranks agree on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_chec
 from ..data import CharTokenizer, DataError, get_batch, make_dataset
 from ..model import param_shapes
 from ..optim import lr_at
-from ..train import CKPT_NAME, TrainResult, _config, _Progress, _settings, resolve_text
+from ..train import (
+    CKPT_NAME,
+    TrainResult,
+    _config,
+    _CtrlC,
+    _Progress,
+    _settings,
+    resolve_text,
+)
 from .model import GPT
 
 
@@ -77,7 +86,7 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
 
     rng = np.random.default_rng(settings.seed)
     model = GPT(config, rng, ste=settings.ste).to(device)
-    names = [n for n in param_shapes(config) if n in dict(model.named_parameters())]
+    names = [n for n, _ in sorted(model.named_parameters(), key=_spec_order(config))]
     optimizer = _adamw(model, names, settings)
     step, history = 0, {"train_loss": [], "val_loss": []}
     if base is not None:
@@ -86,7 +95,7 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
         if base.optimizer is None or base.rng_state is None:
             raise CheckpointError(f"{ckpt_path} has no optimizer or RNG state to resume from; "
                                   "start a new run from it with init_from (--init-from)")
-        _load_engine_adamw(optimizer, model, names, base.optimizer)
+        _load_engine_adamw(optimizer, base.optimizer)
         rng.bit_generator.state = base.rng_state
         step, history = base.step, base.history
     ddp = model
@@ -99,7 +108,7 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
             params = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}
             save_checkpoint(ckpt_path, Checkpoint(
                 config=config, params=params, vocab=tokenizer.vocab,
-                step=step, optimizer=_engine_adamw(optimizer, model, names),
+                step=step, optimizer=_engine_adamw(optimizer),
                 rng_state=rng.bit_generator.state, settings=settings.to_dict(),
                 data=data_info, history=history))
 
@@ -117,8 +126,12 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
     result = TrainResult(config, settings, step)
     rows = slice(rank * settings.batch // world, (rank + 1) * settings.batch // world)
     train_time, train_tokens = 0.0, 0
-    with _Progress(progress and rank == 0, settings, step) as log:
+    with _CtrlC() as ctrl_c, _Progress(progress and rank == 0, settings, step) as log:
         while step < settings.iters:
+            if _any_process(ctrl_c.pressed, world, device):  # every rank stops at this step
+                save()
+                result.stopped = f"interrupted at step {step}; checkpoint saved to {ckpt_path}"
+                break
             t0 = time.perf_counter()
             x, y = get_batch(rng, data.train, settings.batch, config.context)  # global batch
             x, y = (torch.from_numpy(a[rows]).to(device) for a in (x, y))  # this rank's rows
@@ -180,12 +193,34 @@ def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _any_process(flag: bool, world: int, device) -> bool:
+    """True if ``flag`` is set on any process (on one process: the flag)."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _mean_over_processes(loss, world) -> float:
     if world > 1:
         loss = loss.clone()
         torch.distributed.all_reduce(loss)
         loss /= world
     return loss.item()
+
+
+def _spec_order(config):
+    """Sort key: a parameter's position in SPEC 6's list (the engine's parameter order)."""
+    position = {n: i for i, n in enumerate(param_shapes(config))}
+
+    def key(item):
+        name = item[0]
+        if name not in position:
+            raise ValueError(f"parameter {name!r} is not in this minisparse's SPEC names")
+        return position[name]
+
+    return key
 
 
 def _adamw(model, names, settings):
@@ -203,7 +238,7 @@ def _optimizer_order(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _engine_adamw(optimizer, model, names) -> dict:
+def _engine_adamw(optimizer) -> dict:
     """The torch AdamW moments as ``minisparse.optim.AdamW.state_dict()``: m.i, v.i, step.i
     over the parameters in group order (the update rules are the same)."""
     out = {}
@@ -216,7 +251,7 @@ def _engine_adamw(optimizer, model, names) -> dict:
     return out
 
 
-def _load_engine_adamw(optimizer, model, names, state: dict) -> None:
+def _load_engine_adamw(optimizer, state: dict) -> None:
     for i, p in enumerate(_optimizer_order(optimizer)):
         if f"step.{i}" in state:
             optimizer.state[p] = {
@@ -250,6 +285,10 @@ def main(argv=None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if result.stopped is not None and result.stopped.startswith("interrupted"):
+        print(f"minisparse: {result.stopped}; continue with: python -m minisparse.torch.train "
+              f"--resume --out {args.out}", file=sys.stderr)
+        return 130
     if result.stopped is not None:
         cli._error(result.stopped)
         return 1
