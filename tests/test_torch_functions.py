@@ -101,6 +101,19 @@ def test_qsparse_linear_module_conforms(torch_device):
     assert_conforms("sparse_linear", module, max_examples=CASES)
 
 
+@pytest.mark.parametrize("d", [1, 2, 7, 32])
+def test_topk_mask_is_the_stable_sort_order_on_tied_rows(torch_device, d):
+    """Rows of few distinct magnitudes (many ties, ±0), every k: the mask equals the first k
+    of np.argsort(-|x|, kind="stable")."""
+    from minisparse.oracle import topk_mask as reference
+
+    x = np.random.default_rng(d).integers(-2, 3, (50, d)).astype(np.float32)
+    x[x == 0] *= np.where(np.arange(d) % 2, -1.0, 1.0)  # -0.0 and 0.0 tie too
+    for k in range(1, d + 1):
+        got = F.topk_mask(torch.from_numpy(x).to(torch_device), k).cpu().numpy()
+        np.testing.assert_array_equal(got, reference(x, k), err_msg=f"k={k}")
+
+
 def test_torch_topk_would_fail_the_tie_rule():
     """Guards the stable sort: a top-K by torch.topk breaks SPEC 1's ties somewhere."""
     from minisparse.oracle import check

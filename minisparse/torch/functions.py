@@ -16,10 +16,14 @@ from ..linear import resolve_linear
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask [..., D]: the k largest |x| per row; ties go to the lower index (SPEC 1).
 
-    torch.topk does not say which of several tied entries it returns; a stable sort of -|x|
-    orders ties by index, exactly as np.argsort(-abs(x), kind="stable")."""
-    order = torch.sort(-x.abs(), dim=-1, stable=True).indices[..., :k]
-    return torch.zeros_like(x, dtype=torch.bool).scatter(-1, order, True)
+    torch.topk does not say which of several tied entries it returns, so it only finds the
+    k-th largest magnitude: every larger |x| is kept, and of those equal to it the first
+    k - #larger by index -- the order of np.argsort(-abs(x), kind="stable"), without a sort."""
+    a = x.abs()
+    kth = torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [..., 1]
+    larger, tied = a > kth, a == kth
+    room = k - larger.sum(dim=-1, keepdim=True)  # tied entries still kept, >= 1
+    return larger | (tied & (tied.cumsum(dim=-1) <= room))
 
 
 def block_topk_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
