@@ -163,6 +163,8 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
                 save()
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is on disk before anyone returns
+    if result.stopped is None and result.final_val_loss is None and history["val_loss"]:
+        result.final_val_loss = history["val_loss"][-1][1]  # resumed a finished run
     result.step = step
     result.train_loss = list(history["train_loss"])
     result.val_loss = [list(p) for p in history["val_loss"]]
