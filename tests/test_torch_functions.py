@@ -231,8 +231,8 @@ def test_moe_gradients_match_finite_differences():
     """Gradients flow through the gates, the router and the experts; the choice is locally
     constant, so a float64 central difference checks them (SPEC 6)."""
     rng = np.random.default_rng(3)
-    moe = MoE(6, 8, "silu", 0.02, rng, torch.float64, n_experts=3, top=2)
-    h = torch.from_numpy(rng.normal(size=(7, 6)))
+    moe = MoE(4, 4, "silu", 0.02, rng, torch.float64, n_experts=3, top=2)
+    h = torch.from_numpy(rng.normal(size=(6, 4)))
     names = [n for n, _ in moe.named_parameters()]
     weights = tuple(20 * p.detach() for p in moe.parameters())
 
