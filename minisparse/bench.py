@@ -130,6 +130,7 @@ def _all_rows(quick, reps, out=sys.stdout, llama=None):
                 yield llama_row(llama, quick, row["baseline"] / row["ratio"])
         yield sample_row(quick)
         yield from train_rows(quick, reps)
+        yield from trainer_tokens_row(quick)
     yield cold_start_row()
 
 
@@ -355,7 +356,7 @@ def llama_row(binary, quick, ours_seconds, tokens=64):
     from .gguf import write_gguf
 
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
-    model = _gpt(dict(base, bits=1.58), "numpy")
+    model = _gpt(dict(base, bits=1.58, ffn_act="silu"), "numpy")  # llama's FFN, same shapes
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.gguf")
         write_gguf(model.params_dict(), model.config, [chr(32 + i) for i in range(65)], path)
@@ -456,63 +457,56 @@ def _torch_threads(torch, n):
 
 
 def _torch_train_step(config, batch, data, rng):
-    """One eager PyTorch training step of the same model (top-K with STE, relu2 GLU, RoPE)."""
+    """One eager PyTorch training step of the same model: minisparse.torch's GPT (top-K with
+    the STE, relu2 GLU, RoPE) and torch's AdamW."""
     try:
         import torch
+
+        from .torch import GPT as TorchGPT
     except ImportError:
         return None
 
-    d, n_layers, n_heads, ctx = (config[k] for k in ("d_model", "n_layers", "n_heads", "context"))
-    f = 16 * round(8 * d / 3 / 16)
-    k_in = {n: k_for(n, sparsity=0.5) for n in (d, f)}
-    g = torch.Generator().manual_seed(0)
-
-    def param(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).requires_grad_()
-
-    emb = param(65, d)
-    layers = [[param(d, d) for _ in range(4)] + [param(f, d), param(f, d), param(d, f)]
-              for _ in range(n_layers)]
-    params = [emb] + [w for ws in layers for w in ws]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    half = d // n_heads // 2
-    inv = 10000.0 ** (-torch.arange(half) * 2.0 / (2 * half))
-    ang = torch.arange(ctx)[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-
-    def sparse(x):  # top-K forward, straight-through backward (Q-Sparse eq. 13)
-        idx = x.abs().topk(k_in[x.shape[-1]], dim=-1).indices
-        y = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
-        return x + (y - x).detach()
-
-    def lin(x, w):
-        return sparse(x) @ w.T
-
-    def norm(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def rope(x):
-        x1, x2 = x[..., :half], x[..., half:]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
+    model = TorchGPT(dict(config, vocab_size=65), np.random.default_rng(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
     def step():
-        x, y = (torch.from_numpy(a.astype(np.int64)) for a in get_batch(rng, data, batch, ctx))
-        B, T = x.shape
-        h = emb[x]
-        for wq, wk, wv, wo, wu, wg, wd in layers:
-            a = norm(h)
-            q, k, v = (lin(a, w).view(B, T, n_heads, -1).transpose(1, 2) for w in (wq, wk, wv))
-            att = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v,
-                                                                   is_causal=True)
-            h = h + lin(att.transpose(1, 2).reshape(B, T, d), wo)
-            a = norm(h)
-            h = h + lin(lin(a, wu) * torch.relu(lin(a, wg)) ** 2, wd)
-        loss = torch.nn.functional.cross_entropy((norm(h) @ emb.T).view(B * T, -1), y.view(-1))
+        x, y = (torch.from_numpy(a) for a in get_batch(rng, data, batch, config["context"]))
+        _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     return step
+
+
+def trainer_tokens_row(quick):
+    """Training tokens/s of the two trainers, whole loop (batches, clip, lr, AdamW) on SPEC 9's
+    config at sparsity 0.5: ``minisparse train`` (Numba backend) is the baseline,
+    ``python -m minisparse.torch.train`` (one process) the candidate; shown as ms per token."""
+    try:
+        from .torch.train import train as torch_train
+    except ImportError:
+        print("# trainer_tokens_torch: skipped (torch not installed)", file=sys.stderr)
+        return
+    import tempfile
+
+    from .train import train as numpy_train
+
+    base, batch = (dict(d_model=32, n_layers=1, n_heads=2, context=16), 2) if quick \
+        else (TRAIN_CONFIG, TRAIN_BATCH)
+    settings = dict(iters=3 if quick else 30, batch=batch, eval_interval=10**6,
+                    final_eval_batches=1, ckpt_interval=10**6)
+    text = bundled_text()[:200_000]
+    with tempfile.TemporaryDirectory() as out:
+        tokens = {fn.__module__: fn(dict(base, sparsity=0.5), settings, text=text,
+                                    out_dir=f"{out}/{i}", progress=False).tokens_per_second
+                  for i, fn in enumerate((numpy_train, torch_train))}
+    numpy_tps, torch_tps = tokens["minisparse.train"], tokens["minisparse.torch.train"]
+    print(f"# trainer_tokens_torch: NumPy trainer {numpy_tps:,.0f} tok/s, PyTorch trainer "
+          f"{torch_tps:,.0f} tok/s", file=sys.stderr)
+    yield {"name": "trainer_tokens_torch", "shape": f"{batch}x{base['context']}",
+           "sparsity": 0.5, "baseline": 1.0 / numpy_tps, "ratio": torch_tps / numpy_tps,
+           "unit": "ms"}
 
 
 @contextmanager

@@ -108,6 +108,9 @@ def build_parser() -> Parser:
     # --- sweep ---
     _sweep_parser(sub)
     _ablate_parser(sub)
+    # --- conversion ---
+    _export_parser(sub)
+    _import_parser(sub)
     return parser
 
 
@@ -676,4 +679,44 @@ def _ablate(args) -> int:
     except KeyboardInterrupt as e:
         _error(f"{e or 'interrupted'}; run the same command again to resume")
         return 130
+    return 0
+
+
+# --- conversion ---
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as .safetensors, .pt or .gguf",
+                       description="Write CKPT's parameters (SPEC 6 names) with its config and "
+                                   "vocabulary: .safetensors (metadata as JSON strings), .pt (a "
+                                   "dict for torch.load(weights_only=True)) or .gguf (llama.cpp).")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .npz checkpoint")
+    p.add_argument("--to", required=True, metavar="FILE",
+                   help="output file: model.safetensors, model.pt or model.gguf")
+    p.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    from .convert import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.to)}")
+    return 0
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="turn a .safetensors or .pt export into a checkpoint",
+                       description="Read FILE (as `minisparse export` writes it) and write a "
+                                   "minisparse checkpoint that eval, sample and train "
+                                   "--init-from read (model only: no optimizer state).")
+    p.add_argument("file", metavar="FILE", help="model.safetensors or model.pt")
+    p.add_argument("--out", required=True, metavar="CKPT", help="the .npz checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CKPT")
+    p.set_defaults(handler=_import)
+
+
+def _import(args) -> int:
+    from .convert import import_checkpoint
+
+    ckpt = import_checkpoint(args.file, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({ckpt.config.n_layers} layers, step {ckpt.step})")
     return 0

@@ -24,6 +24,15 @@ _NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": 
           "ffn.up": "ffn_up", "ffn.gate": "ffn_gate", "ffn.down": "ffn_down"}
 
 
+def rope_pairs(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q or k weight [d, d_in] reordered from SPEC 6's half-split RoPE (feature i
+    pairs with i + d_head/2) to GGML's adjacent pairs (2i with 2i + 1), per head: the
+    permutation llama.cpp's own converter applies to LLaMA checkpoints. Scores q·k are
+    unchanged, since q and k are permuted alike."""
+    d_head = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d_head // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_gguf(params: dict, config: GPTConfig, vocab: list, path) -> None:
     """Write ``params`` (SPEC names, float32/64) of a GLU model with ``config`` and a
     character vocabulary (``vocab[i]`` the text of token i) to the GGUF file ``path``."""
@@ -34,8 +43,11 @@ def write_gguf(params: dict, config: GPTConfig, vocab: list, path) -> None:
     if len(vocab) != config.vocab_size:
         raise ValueError(f"write_gguf: vocab has {len(vocab)} tokens, the config needs "
                          f"{config.vocab_size}")
-    if getattr(config, "ffn", "glu") != "glu":
-        raise ValueError("write_gguf: only GLU feed-forward models (ffn='glu') are supported")
+    if config.ffn != "glu" or config.ffn_act != "silu" or config.sparsify != "topk":
+        raise ValueError("write_gguf: llama.cpp's llama architecture runs a GLU feed-forward "
+                         "with SiLU and no thresholds; got ffn="
+                         f"{config.ffn!r}, ffn_act={config.ffn_act!r}, "
+                         f"sparsify={config.sparsify!r}")
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(config.context)
     w.add_embedding_length(config.d_model)
@@ -64,6 +76,8 @@ def write_gguf(params: dict, config: GPTConfig, vocab: list, path) -> None:
         f32(f"blk.{i}.ffn_norm.weight", params[f"blocks.{i}.ffn_norm"])
         for ours, theirs in _NAMES.items():
             name, a = f"blk.{i}.{theirs}.weight", params[f"blocks.{i}.{ours}"]
+            if ours in ("attn.q", "attn.k"):
+                a = rope_pairs(a, config.n_heads)
             if not config.bits:
                 f32(name, a)
                 continue

@@ -87,6 +87,8 @@ class GPTConfig:
 
     def _check_moe(self):
         _one_of("ffn", self.ffn, FFNS)
+        if self.moe_aux < 0:
+            raise ValueError(f"moe_aux must be >= 0, got {self.moe_aux!r}")
         if self.ffn == "glu":
             if (self.n_experts, self.top_experts) != (None, None):
                 raise ValueError(f'n_experts and top_experts are for ffn "moe"; with ffn "glu" '
@@ -97,8 +99,6 @@ class GPTConfig:
         if self.n_experts < 2 or self.top_experts > self.n_experts:
             raise ValueError(f"ffn moe needs n_experts >= 2 and 1 <= top_experts <= n_experts, "
                              f"got n_experts={self.n_experts}, top_experts={self.top_experts}")
-        if self.moe_aux < 0:
-            raise ValueError(f"moe_aux must be >= 0, got {self.moe_aux!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:

@@ -6,6 +6,7 @@ deadline, no example database -- the same examples on every run.
 
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("dev", max_examples=50, deadline=None)
@@ -13,3 +14,12 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # Lessons executed under pytest (nbmake) run in their fast mode; the kernel inherits this.
 os.environ.setdefault("MINISPARSE_FAST", "1")
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def torch_device(request):
+    """Each PyTorch test on the CPU and, where one is present, on a CUDA device."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed (the torch extra)")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    return torch.device(request.param)
