@@ -14,7 +14,6 @@ PyTorch runs at its faster intra-op thread count here (1 or its default).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -29,6 +28,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 from numba import njit, prange
+from threadpoolctl import threadpool_limits
 
 from .data import bundled_text, get_batch, make_dataset
 from .generate import generate
@@ -511,30 +511,10 @@ def trainer_tokens_row(quick):
 
 @contextmanager
 def blas_threads(n):
-    """Limit every loaded OpenBLAS (numpy's, and scipy's if loaded) to n threads inside the
-    block, found among the process's libraries as threadpoolctl does."""
-    try:  # Linux: the shared libraries mapped into this process
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:
-        paths = set()
-    controls = []
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in (("", ""), ("scipy_", "64_"), ("scipy_", ""), ("", "64_")):
-            if hasattr(lib, f"{prefix}openblas_set_num_threads{suffix}"):
-                setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")
-                getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")
-                controls.append((setter, getter()))
-                setter(n)
-                break
-    if not controls:
-        print("# note: OpenBLAS not found; BLAS threads left as they are", file=sys.stderr)
-    try:
+    """Limit every loaded BLAS (numpy's OpenBLAS, and scipy's if loaded) to n threads inside
+    the block, and restore them after."""
+    with threadpool_limits(limits=n, user_api="blas"):
         yield
-    finally:
-        for setter, before in controls:
-            setter(before)
 
 
 def cold_start_row():
