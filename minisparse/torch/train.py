@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,9 @@ from ..train import (
     CKPT_NAME,
     TrainResult,
     _config,
-    _CtrlC,
     _Progress,
     _settings,
+    _Signals,
     resolve_text,
 )
 from .model import GPT
@@ -126,10 +127,12 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
     result = TrainResult(config, settings, step)
     rows = slice(rank * settings.batch // world, (rank + 1) * settings.batch // world)
     train_time, train_tokens = 0.0, 0
-    with _CtrlC() as ctrl_c, _Progress(progress and rank == 0, settings, step) as log:
+    with _Signals() as signals, _Progress(progress and rank == 0, settings, step) as log:
         while step < settings.iters:
-            if _any_process(ctrl_c.pressed, world, device):  # every rank stops at this step
+            # every rank stops at the same step (a signal may reach only some of them)
+            if _any_process(signals.received is not None, world, device):
                 save()
+                result.signal = signals.received or signal.SIGINT
                 result.stopped = f"interrupted at step {step}; checkpoint saved to {ckpt_path}"
                 break
             t0 = time.perf_counter()
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
     if result.stopped is not None and result.stopped.startswith("interrupted"):
         print(f"minisparse: {result.stopped}; continue with: python -m minisparse.torch.train "
               f"--resume --out {args.out}", file=sys.stderr)
-        return 130
+        return 128 + int(result.signal)  # 130 for Ctrl-C, 143 for SIGTERM, as minisparse train
     if result.stopped is not None:
         cli._error(result.stopped)
         return 1
