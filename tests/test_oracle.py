@@ -82,17 +82,18 @@ def test_pure_functions_float64_and_no_mutation():
 
 
 def test_tolerance_table():
-    assert set(oracle.TOLERANCES) == {"float32", "float64"}
+    assert set(oracle.TOLERANCES) == {"float16", "bfloat16", "float32", "float64"}
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
     for dtype, table in oracle.TOLERANCES.items():
         assert table["exact"] == oracle.Tolerance(0.0, 0.0)
-        assert 0 < table["elementwise"].rtol < table["reduction"].rtol < 1e-4
+        assert 0 < table["elementwise"].rtol < table["reduction"].rtol < 1e4 * eps[dtype]
         assert oracle.tolerance(dtype, "reduction") is table["reduction"]
-        eps = np.finfo(dtype).eps
-        assert table["elementwise"].rtol >= 4 * eps  # a few roundings always pass
-    assert oracle.TOLERANCES["float64"]["reduction"].rtol < oracle.TOLERANCES["float32"][
-        "reduction"].rtol
-    with pytest.raises(ValueError, match="float16.*float32"):
-        oracle.tolerance(np.float16, "exact")
+        assert table["elementwise"].rtol >= 4 * eps[dtype]  # a few roundings always pass
+    rtols = [oracle.TOLERANCES[d]["reduction"].rtol for d in ("float64", "float32", "float16",
+                                                              "bfloat16")]
+    assert rtols == sorted(rtols)
+    with pytest.raises(ValueError, match="int32.*float32"):
+        oracle.tolerance(np.int32, "exact")
     with pytest.raises(ValueError, match="'loose'"):
         oracle.tolerance(np.float32, "loose")
 

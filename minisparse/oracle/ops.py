@@ -38,10 +38,12 @@ def _tau(op, tau):
 
 
 def linear_parts(op, x, w, *, sparsity=0.0, k=None, block=None, rescale="none", bits=None,
-                 ste=True, tau=None):
+                 ste=True, tau=None, x_codes=None, w_codes=None):
     """The pieces of SPEC 5 -> (z = sparsify(A(x)) [..., D_in], mask, r, Qw(w) [D_out, D_in]);
     mask and r are None when nothing is sparsified. ``tau`` (SPEC 11) replaces top-K by the
-    threshold mask |A(x)| > tau with r = 1 (then sparsity, k and block must be unset)."""
+    threshold mask |A(x)| > tau with r = 1 (then sparsity, k and block must be unset).
+    ``x_codes`` / ``w_codes`` (bits=1.58) replace the int8 / ternary codes of x / w, keeping
+    their scales: the reference applied to another implementation's codes (SPEC 3, 10)."""
     _check(op, x=x, w=w)
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"{op}: expected x [..., D_in] and w [D_out, D_in], got x {x.shape} and "
@@ -51,14 +53,24 @@ def linear_parts(op, x, w, *, sparsity=0.0, k=None, block=None, rescale="none", 
     if tau is not None and (k is not None or block is not None or rescale != "none"):
         raise ValueError(f'{op}: tau (threshold sparsity) excludes sparsity, k, block and '
                          f'rescale="l2" (SPEC 11)')
-    a = dequantize(*absmax_quantize(x)) if bits else x
+    a = _codes(absmax_quantize(x), x_codes) if bits else x
     z, mask, r = a, None, None
     if tau is not None:
         mask = np.abs(a) > _tau(op, tau)
         z, r = np.where(mask, a, 0), np.ones((*a.shape[:-1], 1), a.dtype)
     elif k is not None or block is not None:  # the mask is computed on A(x), what it masks
         z, mask, r = topk_forward(a, k=k, block=block, rescale=rescale)
-    return z, mask, r, dequantize(*absmean_ternarize(w)) if bits else w
+    return z, mask, r, _codes(absmean_ternarize(w), w_codes) if bits else w
+
+
+def _codes(quantized, codes):
+    """dequantize(q, s), with q replaced by ``codes`` when given (same shape)."""
+    q, s = quantized
+    if codes is not None:
+        if np.shape(codes) != q.shape:
+            raise ValueError(f"codes of shape {np.shape(codes)} must have the shape {q.shape}")
+        q = np.asarray(codes)
+    return dequantize(q, s)
 
 
 
