@@ -133,7 +133,7 @@ def _glu(h, up, gate, down, act, k, rescale, bits, act_fn=None):
     elif act == "relu2":
         a = np.maximum(g, 0) ** 2
     else:
-        a = g / (1 + np.exp(-g))
+        a = g * 0.5 * (1 + np.tanh(0.5 * g))  # g sigmoid(g), no overflow
     return proj(proj(h, up) * a, down)
 
 

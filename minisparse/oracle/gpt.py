@@ -272,22 +272,29 @@ def _rope_backward(dy, cos, sin):
 
 def attention_forward(h, p, cfg, prefix, taus, frozen=None, trace=None):
     """Causal multi-head attention with RoPE (SPEC 6) on h [B, T, d] -> (y [B, T, d], cache)."""
-    B, T, d = h.shape
+    caches, outputs = {}, {}
+    for name in "qkv":
+        outputs[name], caches[name] = _projection(h, p, cfg, prefix + "attn." + name, taus,
+                                                  frozen, trace)
+    a, core = attend(outputs["q"], outputs["k"], outputs["v"], cfg)
+    y, caches["o"] = _projection(a, p, cfg, prefix + "attn.o", taus, frozen, trace)
+    return y, (caches, *core)
+
+
+def attend(q, k, v, cfg):
+    """softmax(rope(q) rope(k)^T / sqrt(d_head) + causal mask) v per head, for the q, k, v
+    projections' outputs [B, T, d] -> (a [B, T, d], what the backward needs)."""
+    B, T, d = q.shape
     H = cfg["n_heads"]
     dh = d // H
-    cos, sin = _rope_tables(cfg, T, h.dtype)
-    caches, heads = {}, {}
-    for name in "qkv":
-        y, caches[name] = _projection(h, p, cfg, prefix + "attn." + name, taus, frozen, trace)
-        heads[name] = y.reshape(B, T, H, dh).transpose(0, 2, 1, 3)  # [B, H, T, dh]
-    q, k = _rope(heads["q"], cos, sin) * (1.0 / math.sqrt(dh)), _rope(heads["k"], cos, sin)
+    cos, sin = _rope_tables(cfg, T, q.dtype)
+    q, k, v = (y.reshape(B, T, H, dh).transpose(0, 2, 1, 3) for y in (q, k, v))  # [B, H, T, dh]
+    q, k = _rope(q, cos, sin) * (1.0 / math.sqrt(dh)), _rope(k, cos, sin)
     scores = q @ k.transpose(0, 1, 3, 2)  # [B, H, T, T]
     scores = np.where(np.triu(np.ones((T, T), bool), k=1), -np.inf, scores)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     att = e / e.sum(axis=-1, keepdims=True)
-    a = (att @ heads["v"]).transpose(0, 2, 1, 3).reshape(B, T, d)
-    y, caches["o"] = _projection(a, p, cfg, prefix + "attn.o", taus, frozen, trace)
-    return y, (caches, q, k, heads["v"], att, cos, sin)
+    return (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d), (q, k, v, att, cos, sin)
 
 
 def attention_backward(dy, cache, cfg):
