@@ -1,12 +1,13 @@
 """The conformance harness: passes independent correct implementations, catches classic bugs."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minisparse.linear import sparse_linear
-from minisparse.oracle.harness import OPS, assert_conforms, check, load_function
+from minisparse.oracle.harness import OPS, assert_conforms, check, load_case, load_function
 from minisparse.tensor import Tensor
 
 N = 40  # generated examples per check (the must-run examples come on top)
@@ -211,3 +212,126 @@ def test_cli_check(tmp_path, capsys):
     assert "minisparse: error: check: unknown op 'top_k'" in capsys.readouterr().err
     assert main(["check", "good", "--op", "topk"]) == 1
     assert "MODULE:FUNCTION" in capsys.readouterr().err
+
+
+# ---- controls, saved failures, dtypes, torch ------------------------------------------------
+
+from mutants import NUMPY_CONTROLS, m_tail_dropped_past_8  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
+
+
+def test_controls_restrict_the_cases():
+    seen = []
+
+    def recording(x, w, grad_y, **params):
+        seen.append((x.dtype, x.shape, w.shape, params))
+        return NUMPY_CONTROLS["sparse_linear"](x, w, grad_y, **params)
+
+    report = check("sparse_linear", recording, max_examples=30, dtypes=("float64",),
+                   max_size=9, fixed={"bits": 1.58, "rescale": "none", "block": None})
+    assert report.passed, str(report)
+    assert len(seen) >= 30
+    for dtype, x_shape, w_shape, params in seen:
+        assert dtype == np.float64 and max(*x_shape, *w_shape) <= 9
+        assert params["bits"] == 1.58 and params["rescale"] == "none" and params["block"] is None
+    sizes = {x_shape[-1] for _, x_shape, _, _ in seen}
+    assert len(sizes) > 3  # still a range of sizes inside the bounds
+
+
+def test_default_cases_reach_tile_edges_and_every_kind():
+    seen = []
+
+    def recording(x, k):
+        seen.append(x.shape[-1])
+        return NUMPY_CONTROLS["topk"](x, k)
+
+    check("topk", recording)
+    assert max(seen) > 1024 and {33, 65, 129} & set(seen) and min(seen) == 1
+
+
+def test_a_failure_is_saved_with_a_script_that_reruns_it(tmp_path):
+    import subprocess
+    import sys
+
+    report = check("sparse_linear", m_tail_dropped_past_8, save=tmp_path / "fail",
+                   target=f"{Path(__file__).parent / 'mutants.py'}:m_tail_dropped_past_8")
+    assert not report.passed and [p.name for p in report.saved] == [
+        "sparse_linear-failure.npz", "sparse_linear-failure.py"]
+    assert f"saved: {report.saved[0]}" in str(report)
+    case = load_case(report.saved[0])
+    assert case.keys() == report.case.keys()
+    assert all(np.array_equal(case[k], v) for k, v in report.case.items()
+               if isinstance(v, np.ndarray))
+    run = subprocess.run([sys.executable, str(report.saved[1])], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "entries differ" in run.stdout and "difference:" in run.stdout
+
+
+def test_check_rejects_bad_controls():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        check("topk", argpartition_topk, dtypes=("float8",))
+    with pytest.raises(ValueError, match="min_size <= max_size"):
+        check("topk", argpartition_topk, min_size=9, max_size=3)
+    with pytest.raises(ValueError, match="max_examples"):
+        check("topk", argpartition_topk, max_examples=0)
+
+
+@needs_torch
+def test_torch_module_class_and_instance():
+    from mutants import torch_cases
+
+    bitlinear = dict(torch_cases()[1])["bitlinear"]
+    assert check("bitlinear", bitlinear, max_examples=30).passed  # a class: built per case
+    instance = bitlinear(16, 5, bias=False).double()
+    report = check("bitlinear", instance, max_examples=20, dtypes=("float32", "float64"))
+    assert report.passed and "D_in=16, D_out=5, float64" in str(report)
+    with pytest.raises(ValueError, match="nn.Module is checked as op 'bitlinear'"):
+        check("topk", bitlinear)
+
+
+@needs_torch
+def test_cuda_device_is_refused_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: nothing to refuse")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        check("topk", argpartition_topk, device="cuda")
+
+
+def upcast(fn):
+    """A half-precision kernel that does SPEC's arithmetic in float32 and rounds its results
+    once (the contract for float16 / bfloat16)."""
+
+    def wrapped(*args, **kwargs):
+        low = args[0].dtype
+        out = fn(*(a.float() for a in args), **kwargs)
+        cast = [t.to(low) if t.is_floating_point() else t
+                for t in (out if isinstance(out, tuple) else (out,))]
+        return tuple(cast) if isinstance(out, tuple) else cast[0]
+
+    return wrapped
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_kernels(dtype):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need ml_dtypes")
+    from mutants import torch_cases
+
+    controls = dict(torch_cases()[1])
+    for op in ("topk", "absmax", "sparse_linear"):
+        report = check(op, upcast(controls[op]), dtypes=(dtype,), max_examples=25)
+        assert report.passed and report.cases_run >= 25, str(report)
+
+    def absmax_in_half(x):  # 127 / max(γ, 1e-5) overflows float16 on tiny rows
+        s = 127 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        return torch.clamp(torch.round(x * s), -128, 127).to(torch.int8), s
+
+    if dtype == "float16":
+        assert not check("absmax", absmax_in_half, dtypes=(dtype,)).passed
