@@ -525,7 +525,8 @@ def _compare_output(name, got, expected, kind, scale, case, dtype):
         low, high = (-128, 127) if absmax else (-1, 1)
         got = np.asarray(got)
         if kind.endswith("_fake"):  # the codes behind a dequantized value: rint(y * s)
-            if got.shape != expected.shape or got.dtype != expected.dtype:
+            if (got.shape != expected.shape or got.dtype != expected.dtype
+                    or not np.isfinite(got.astype(np.float64)).all()):
                 return compare(name, got, expected, "elementwise"), 0
             codes = np.clip(np.rint(got.astype(np.float64) * s), low, high)
         else:
