@@ -325,7 +325,7 @@ def _vectors(args) -> int:
     from .oracle import write_vectors
 
     paths = write_vectors(args.out_dir, seed=args.seed)
-    print(f"wrote {len(paths)} golden vectors and README.txt to {args.out_dir}")
+    print(f"wrote {len(paths)} golden vectors, README.txt and SPEC.md to {args.out_dir}")
     return 0
 
 
