@@ -335,3 +335,28 @@ def test_half_precision_kernels(dtype):
 
     if dtype == "float16":
         assert not check("absmax", absmax_in_half, dtypes=(dtype,)).passed
+
+
+@needs_torch
+def test_the_readme_walkthrough_works_as_written(tmp_path, capsys):
+    # "Check your kernel in five minutes": the module file and the command, copied from the
+    # README; then the one-line bug the README describes is caught and shrunk
+    from minisparse.cli import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Check your kernel in five minutes"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", section.index(
+        "```python\n"))]
+    command = section.split("```\n")[2].strip()  # the block after the module file
+    assert command == "minisparse check bitlinear.py:BitLinear --op bitlinear"
+    (tmp_path / "bitlinear.py").write_text(code)
+    target = f"{tmp_path / 'bitlinear.py'}:BitLinear"
+    assert main(["check", target, "--op", "bitlinear"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("minisparse check bitlinear: OK") and out.strip() in section
+    (tmp_path / "bitlinear.py").write_text(code.replace(
+        "x.abs().amax(dim=-1, keepdim=True)", "x.abs().amax()"))
+    assert main(["check", target, "--op", "bitlinear", "--save", str(tmp_path / "f")]) == 1
+    out = capsys.readouterr().out
+    assert "failing input (the smallest found)" in out and "largest error" in out
+    assert (tmp_path / "f" / "bitlinear-failure.py").exists()

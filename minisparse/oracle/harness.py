@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, Verbosity, example, given, settings
+from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
@@ -786,17 +786,19 @@ class Report:
     boundary_flips: int = 0  # SPEC 3 boundary flips seen in the cases that passed
     notes: list = field(default_factory=list)  # what the check did not cover, and why
     saved: list = field(default_factory=list)  # the .npz and the reproduction script
+    shrunk: bool = True  # the failing case is hypothesis' smallest (else a must-run example)
 
     def __str__(self):
         head = f"minisparse check {self.op}: "
-        flips = (f"; {self.boundary_flips} boundary flips (SPEC 3) counted apart"
-                 if self.boundary_flips else "")
+        flips = (f"; {self.boundary_flips} boundary flips (SPEC 3: legitimate, another "
+                 f"evaluation order of the scale) counted apart" if self.boundary_flips else "")
         if self.passed:
             lines = [head + f"OK, {self.cases_run} cases agree with the reference "
                             f"(seed {self.seed}){flips}"]
         else:
+            found = "the smallest found" if self.shrunk else "a must-run example"
             lines = [head + f"FAILED after {self.cases_run} cases (seed {self.seed}){flips}",
-                     "  failing input (the smallest found):"]
+                     f"  failing input ({found}):"]
             for name, value in self.case.items():
                 if isinstance(value, np.ndarray):
                     lines.append(f"    {name}: {value.dtype} {value.shape} = {_show(value, 6)}")
@@ -895,9 +897,16 @@ def check(op_name, user_fn, *, max_examples=200, seed=0, dtypes=("float32", "flo
             raise _CaseFailed
         flips[0] += outcome[4]
 
+    # The must-run examples first (the classic mistakes, found in a few cases); then generated
+    # cases, which hypothesis shrinks: a failure is reported as the small typical case found.
+    example_failure = None
+    for case in _examples(op_name, op, ctl, takes or {"block"}):
+        try:
+            run(case)
+        except _CaseFailed:
+            example_failure = failures.pop()
+            break
     test = given(case=op.cases(ctl))(run)
-    for case in reversed(_examples(op_name, op, ctl, takes or {"block"})):
-        test = example(case=case)(test)  # decorators apply inside-out: keep the listed order
     test = settings(max_examples=max_examples, deadline=None, database=None,
                     verbosity=Verbosity.quiet, report_multiple_bugs=False,
                     suppress_health_check=list(HealthCheck))(test)
@@ -908,11 +917,15 @@ def check(op_name, user_fn, *, max_examples=200, seed=0, dtypes=("float32", "flo
     except Exception:  # _CaseFailed, or hypothesis' Flaky if fn is not deterministic
         if not failures:
             raise
-    if not failures:
+    if not failures and example_failure is None:
         return Report(op_name, True, runs[0], seed, boundary_flips=flips[0], notes=notes)
-    case, (problem, mismatch, expected, got, _) = failures[-1]  # the shrunk one comes last
+    if failures:
+        case, (problem, mismatch, expected, got, _) = failures[-1]  # the shrunk one is last
+    else:
+        case, (problem, mismatch, expected, got, _) = example_failure
+        notes.append("this is a must-run example (not shrunk): no generated case failed")
     report = Report(op_name, False, runs[0], seed, case, problem, mismatch, expected, got,
-                    flips[0], notes)
+                    flips[0], notes, shrunk=bool(failures))
     if save is not None:
         report.saved = save_failure(report, save, target or _target_of(user_fn), device)
     else:
