@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from minisparse.linear import sparse_linear
-from minisparse.oracle.harness import OPS, assert_conforms, check, load_case, load_function
+from minisparse.oracle.harness import (
+    OPS,
+    assert_conforms,
+    check,
+    load_case,
+    load_function,
+    run_case,
+)
 from minisparse.tensor import Tensor
 
 N = 40  # generated examples per check (the must-run examples come on top)
@@ -380,3 +387,32 @@ def test_cli_check_controls(tmp_path, capsys):
     assert "--fix expects NAME=VALUE" in capsys.readouterr().err
     assert main(["check", f"{path}:topk", "--op", "topk", "--dtype", "float8"]) == 1
     assert "dtype must be one of" in capsys.readouterr().err
+
+
+def test_boundary_flips_in_any_pattern_are_legal_in_a_layer():
+    # an implementation that rounds some entries at x·s ≈ 63.5 the other way (as a vectorised
+    # body and its scalar tail may): flips that leave y alone still show in dW = g^T z
+    from mutants import absmax, linear
+
+    from minisparse.oracle import cases
+    from minisparse.oracle.flips import absmax_boundaries
+
+    rng = np.random.default_rng(0)
+    x = cases.rows_of(rng, (16, 3), "gamma_half", np.float32, "one")
+    w = np.array([[4.04e-05, -4.25e-05, 2.06e-04]], np.float32)  # ternary codes [0, 0, 1]
+    boundary, v = absmax_boundaries(x)
+    some = boundary & (rng.random(boundary.shape) < 0.5)
+    assert 0 < some.sum() < boundary.sum()
+
+    def some_flipped(a):
+        q, s = absmax(a)
+        other = np.where(q == np.floor(v), np.floor(v) + 1, np.floor(v))
+        return np.where(some, np.clip(other, -128, 127), q).astype(np.int8), s
+
+    def layer(x, w, grad_y, **params):
+        return linear(x, w, grad_y, quant=some_flipped, **params)
+
+    case = dict(x=x, w=w, grad_y=rng.standard_normal((16, 1)).astype(np.float32), k=None,
+                rescale="none", bits=1.58, ste=False, block=None)
+    problem, *_, flips = run_case("sparse_linear", layer, case)
+    assert problem is None and flips == some.sum()

@@ -47,6 +47,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -60,7 +61,13 @@ from hypothesis import strategies as st
 from ..quant import absmax_quantize, absmean_ternarize, dequantize
 from ..sparsity import k_for, topk_backward, topk_forward
 from . import cases as C
-from .flips import absmax_boundaries, absmean_boundaries, legal_codes, row_variants
+from .flips import (
+    MAX_FLIPS_SEARCHED,
+    absmax_boundaries,
+    absmean_boundaries,
+    legal_codes,
+    row_variants,
+)
 from .ops import _act, linear_parts, sparse_linear_magnitudes
 from .strategies import feature_arrays, rows_and_block, rows_and_k  # noqa: F401
 from .tolerances import Mismatch, compare
@@ -608,12 +615,46 @@ def _search_flips(op, case, result, dtype):
             # y fixes each row's codes only up to flips that leave y alone; the gradients see
             # them all: try the per-row choice, then the batch-wide flips of one other
             # evaluation (every boundary entry moved the same way)
-            for codes in (chosen, *_batch_variants(qx, bx, vx, dtype)):
+            candidates = [chosen, *_batch_variants(qx, bx, vx, dtype)]
+            if len(result) == 3:
+                candidates.append(_codes_from_grad_w(op, c, result, chosen, bx, vx, w_codes))
+            for codes in candidates:
                 codes = codes.reshape(x.shape)
                 expected = fwd(c, codes, w_codes)
                 if _compare_all(op, case, result, dtype, expected)[0] is None:
                     return int((codes != qx).sum()) + w_flips, None
     return None
+
+
+def _codes_from_grad_w(op, c, result, codes, boundary, v, w_codes):
+    """The codes whose flips the implementation's dW = g^T z shows, column by column: in column
+    j, the subset of boundary entries whose flips make the reference's dW[:, j] match (each
+    flip moves z[i, j] by ±1 / s_x[i]; exact when the input is not sparsified)."""
+    d_in = codes.shape[-1]
+    rows = c["x"].reshape(-1, d_in)
+    codes, boundary, v = codes.reshape(rows.shape).copy(), boundary.reshape(rows.shape), \
+        v.reshape(rows.shape)
+    g = c["grad_y"].reshape(rows.shape[0], -1)
+    s_x = absmax_quantize(rows)[1]
+    base = _linear(c, codes.reshape(c["x"].shape), w_codes)[2]
+    scale = op.scales(c)[2]
+    got = np.asarray(result[2])
+    other = np.clip(np.where(codes == np.floor(v), np.floor(v) + 1, np.floor(v)), -128, 127)
+    for j in range(d_in):
+        where = np.flatnonzero(boundary[:, j])[:MAX_FLIPS_SEARCHED]
+        for n in range(1, len(where) + 1):
+            for chosen in itertools.combinations(where, n):
+                chosen = list(chosen)
+                delta = np.zeros(rows.shape[0], rows.dtype)
+                delta[chosen] = (other[chosen, j] - codes[chosen, j]) / s_x[chosen, 0]
+                column = base[:, j] + g.T @ delta
+                if compare("dW", got[:, j], column, "reduction", scale) is None:
+                    codes[chosen, j] = other[chosen, j]
+                    break
+            else:
+                continue
+            break
+    return codes
 
 
 def _batch_variants(q, boundary, v, dtype):
