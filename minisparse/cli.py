@@ -509,7 +509,7 @@ def _vectors(args) -> int:
     from .oracle import write_vectors
 
     paths = write_vectors(args.out_dir, seed=args.seed)
-    print(f"wrote {len(paths)} golden vectors and README.txt to {args.out_dir}")
+    print(f"wrote {len(paths)} golden vectors, README.txt and SPEC.md to {args.out_dir}")
     return 0
 
 
@@ -533,18 +533,50 @@ class _CheckOps:
 
 def _check_parser(sub) -> None:
     p = sub.add_parser("check", help="check your implementation of an op against the reference",
-                       description="Run hypothesis-generated cases (ties, K=1, K=D, half steps, "
-                                   "tiny and huge values, float32/64) through MODULE:FUNCTION and "
-                                   "the reference; print the smallest failing input. Calling "
-                                   "convention per op: pydoc minisparse.oracle.harness")
+                       description="Run generated cases (sizes at tile edges up to 4096, ties, "
+                                   "quantization ties, exact halves, tiny and huge rows) through "
+                                   "MODULE:FUNCTION (NumPy or torch; a torch nn.Module class for "
+                                   "--op bitlinear) and the reference; print the first failing "
+                                   "input, shrunk. Calling convention per op: pydoc "
+                                   "minisparse.oracle.harness")
     p.add_argument("target", metavar="MODULE:FUNCTION",
-                   help="e.g. mykernels:topk or path/to/file.py:topk")
+                   help="e.g. mykernels:topk, path/to/file.py:topk or bitlinear.py:BitLinear")
     p.add_argument("--op", required=True, choices=_CheckOps(), metavar="OP",
                    help="the op FUNCTION implements: %(choices)s")
     p.add_argument("--max-examples", type=_positive_int, default=200,
                    help="generated cases (200)")
     p.add_argument("--seed", type=_int, default=0, help="seed of the generated cases (0)")
+    p.add_argument("--dtype", action="append", metavar="DTYPE",
+                   help="a dtype fn supports: float64, float32, float16 or bfloat16 (repeat for "
+                        "several; default float32 and float64)")
+    p.add_argument("--min-size", type=_positive_int, default=1, help="smallest axis size (1)")
+    p.add_argument("--max-size", type=_positive_int, default=4096,
+                   help="largest axis size (4096)")
+    p.add_argument("--fix", action="append", metavar="NAME=VALUE", default=[],
+                   help="hold a parameter at one value, e.g. --fix bits=1.58 --fix rescale=none "
+                        "(VALUE is JSON, or a plain word)")
+    p.add_argument("--device", default="cpu", help="torch device for torch functions (cpu)")
+    p.add_argument("--save", metavar="DIR",
+                   help="save a failure in DIR as .npz plus a script that reruns it")
     p.set_defaults(handler=_check)
+
+
+def _fixed(items):
+    """['bits=1.58', 'rescale=none', 'block=null'] -> {'bits': 1.58, 'rescale': 'none', ...}."""
+    import json
+
+    fixed = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--fix expects NAME=VALUE, got {item!r}")
+        try:
+            fixed[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fixed[name] = value
+        if isinstance(fixed[name], list):
+            fixed[name] = tuple(fixed[name])
+    return fixed
 
 
 def _check(args) -> int:
@@ -554,7 +586,10 @@ def _check(args) -> int:
         fn = load_function(args.target)
     except SyntaxError as e:
         raise ValueError(f"{e.filename}, line {e.lineno}: {e.msg} (in {args.target})") from None
-    report = check(args.op, fn, max_examples=args.max_examples, seed=args.seed)
+    report = check(args.op, fn, max_examples=args.max_examples, seed=args.seed,
+                   dtypes=tuple(args.dtype or ("float32", "float64")), min_size=args.min_size,
+                   max_size=args.max_size, fixed=_fixed(args.fix), device=args.device,
+                   save=args.save, target=args.target)
     print(report)
     return 0 if report.passed else 1
 

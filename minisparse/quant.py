@@ -30,11 +30,17 @@ def _absmean(op, w):
 
 def absmax_quantize(x):
     """x [..., D] -> (q int8 [..., D], s [..., 1]): s = 127 / max(max|x|, 1e-5), q = rint(x s)."""
+    if isinstance(x, np.ndarray) and x.ndim and x.shape[-1] == 0:
+        raise ValueError(f"absmax_quantize: x must have at least one feature (a max per row), "
+                         f"got shape {x.shape}")
     return _absmax("absmax_quantize", check_finite("absmax_quantize", "x", x))
 
 
 def absmean_ternarize(w):
     """w [...] -> (t int8 in {-1, 0, 1}, s scalar): s = 1 / max(mean|w|, 1e-5), t = rint(w s)."""
+    if isinstance(w, np.ndarray) and w.size == 0:
+        raise ValueError(f"absmean_ternarize: w must not be empty (its mean|w| is the scale), "
+                         f"got shape {w.shape}")
     return _absmean("absmean_ternarize", check_finite("absmean_ternarize", "w", w))
 
 

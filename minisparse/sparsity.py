@@ -146,10 +146,18 @@ def _rescale_factor(op, x, mask, rescale):
     """r [..., 1]: ||x||_2 / max(||x * mask||_2, 1e-12) for "l2" (norm-preserving), 1 for "none"."""
     if _check_rescale(op, rescale) == "none":
         return np.ones((*x.shape[:-1], 1), dtype=x.dtype)
-    kept = np.where(mask, x, 0)
-    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
-    kept_norm = np.sqrt(np.sum(kept * kept, axis=-1, keepdims=True))
-    return norm / np.maximum(kept_norm, 1e-12)  # an all-zero row gets r = 0 / 1e-12 = 0
+    # SPEC 1: norms without overflow or underflow for any finite row -- both are taken of the
+    # row divided by its max|x| = m (as hypot does), so r = a / b with a = ||x / m||,
+    # b = ||x * mask / m|| >= 1 (the max is always kept); the 1e-12 floor on m b only acts on
+    # rows below 1e-12, where r = m a / 1e-12. An all-zero row gets r = 0.
+    m = np.abs(x).max(axis=-1, keepdims=True)
+    unit = x / np.where(m > 0, m, 1)
+    kept = np.where(mask, unit, 0)
+    a = np.sqrt(np.sum(unit * unit, axis=-1, keepdims=True))
+    b = np.sqrt(np.sum(kept * kept, axis=-1, keepdims=True))
+    small = m * b < 1e-12
+    return np.where(small, np.where(small, m, 0) * a / x.dtype.type(1e-12),
+                    a / np.where(small, 1, b))
 
 
 def _topk_forward(op, x, k, sparsity, block, rescale):
@@ -169,7 +177,11 @@ def topk_forward(x, k=None, sparsity=None, block=None, rescale="none"):
 
 def topk_backward(grad_y, mask, r, ste=True):
     """dL/dX [..., D]: r * g with the straight-through estimator (eq. 13), r * M ⊙ g if not (12)."""
-    check_float_array("topk_backward", "grad_y", grad_y)
+    check_finite("topk_backward", "grad_y", check_float_array("topk_backward", "grad_y", grad_y))
+    return _topk_backward(grad_y, mask, r, ste)
+
+
+def _topk_backward(grad_y, mask, r, ste):
     if mask.shape != grad_y.shape:
         raise ValueError(f"topk_backward: mask shape {mask.shape} must equal grad_y shape "
                          f"{grad_y.shape}")
@@ -236,7 +248,7 @@ class Sparsifier:
             raise TypeError(f"{type(self).__name__}: expected a Tensor, got {type(a).__name__}")
         # No finiteness check: a diverging training run should reach its loss check, not raise.
         y, mask, r = self.forward(a.data)
-        return Tensor.from_op(y, (a,), lambda g: (topk_backward(g, mask, r, self.ste),),
+        return Tensor.from_op(y, (a,), lambda g: (_topk_backward(g, mask, r, self.ste),),
                               type(self).__name__)
 
     def forward(self, a):

@@ -82,17 +82,18 @@ def test_pure_functions_float64_and_no_mutation():
 
 
 def test_tolerance_table():
-    assert set(oracle.TOLERANCES) == {"float32", "float64"}
+    assert set(oracle.TOLERANCES) == {"float16", "bfloat16", "float32", "float64"}
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
     for dtype, table in oracle.TOLERANCES.items():
         assert table["exact"] == oracle.Tolerance(0.0, 0.0)
-        assert 0 < table["elementwise"].rtol < table["reduction"].rtol < 1e-4
+        assert 0 < table["elementwise"].rtol < table["reduction"].rtol < 1e4 * eps[dtype]
         assert oracle.tolerance(dtype, "reduction") is table["reduction"]
-        eps = np.finfo(dtype).eps
-        assert table["elementwise"].rtol >= 4 * eps  # a few roundings always pass
-    assert oracle.TOLERANCES["float64"]["reduction"].rtol < oracle.TOLERANCES["float32"][
-        "reduction"].rtol
-    with pytest.raises(ValueError, match="float16.*float32"):
-        oracle.tolerance(np.float16, "exact")
+        assert table["elementwise"].rtol >= 4 * eps[dtype]  # a few roundings always pass
+    rtols = [oracle.TOLERANCES[d]["reduction"].rtol for d in ("float64", "float32", "float16",
+                                                              "bfloat16")]
+    assert rtols == sorted(rtols)
+    with pytest.raises(ValueError, match="int32.*float32"):
+        oracle.tolerance(np.int32, "exact")
     with pytest.raises(ValueError, match="'loose'"):
         oracle.tolerance(np.float32, "loose")
 
@@ -164,3 +165,34 @@ def test_shipped_spec_is_the_team_contract():
     if not contract.exists():
         pytest.skip("no shared/SPEC.md beside this checkout")
     assert shipped.read_text() == contract.read_text()
+
+
+# ---- edge cases of the reference functions (issue 11, item 8) -----------------------------------
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float32, 1e20), (np.float64, 1e200),
+                                        (np.float32, 3e38), (np.float64, 1e-300)])
+def test_l2_rescale_is_overflow_and_underflow_safe(dtype, big):
+    # SPEC 1: the norms of a finite row never give NaN or inf; r is the mathematical ratio
+    x = np.array([[big, -0.5 * big, 0.25 * big, 0.0]], dtype)
+    y, mask, r = oracle.topk_forward(x, k=2, rescale="l2")
+    assert np.isfinite(r).all() and np.isfinite(y).all()
+    exact = np.sqrt(1 + 0.25 + 0.0625) / np.sqrt(1 + 0.25)  # ||x|| / ||x ⊙ M||, scale-free
+    if big * np.sqrt(1.25) >= 1e-12:
+        assert r.item() == pytest.approx(exact, rel=4 * float(np.finfo(dtype).eps))
+    else:  # the 1e-12 floor acts: r = ||x|| / 1e-12
+        assert r.item() == pytest.approx(big * np.sqrt(1.3125) / 1e-12, rel=1e-12)
+
+
+def test_reference_edge_cases_raise_clear_errors():
+    with pytest.raises(ValueError, match="topk_backward: grad_y must be finite"):
+        oracle.topk_backward(np.array([[np.nan, 1.0]]), np.ones((1, 2), bool), np.ones((1, 1)))
+    with pytest.raises(ValueError, match="absmean_ternarize: w must not be empty"):
+        oracle.absmean_ternarize(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="absmax_quantize: x must have at least one feature"):
+        oracle.absmax_quantize(np.zeros((3, 0)))
+    h, up, down = np.ones((2, 4)), np.ones((6, 4)), np.ones((4, 6))
+    with pytest.raises(ValueError, match=r"gate \(1, 4\)"):
+        oracle.ffn_forward(h, up, np.ones((1, 4)), down)  # would broadcast
+    with pytest.raises(ValueError, match=r"down \(6, 4\)"):
+        oracle.ffn_backward(np.ones((2, 4)), h, up, up, down.T)

@@ -31,23 +31,26 @@ class Tolerance:
     atol: float  # absolute floor: the smallest normal number, for all-(near-)zero arrays
 
 
-def _table(dtype, elementwise, reduction):
-    tiny = float(np.finfo(dtype).tiny)
+def _table(tiny, elementwise, reduction):
     return {"exact": Tolerance(0.0, 0.0), "elementwise": Tolerance(elementwise, tiny),
             "reduction": Tolerance(reduction, tiny)}
 
 
 # float32 eps = 1.2e-7, float64 eps = 2.2e-16: elementwise allows ~8 eps, reductions ~100 eps
 # (float32) / ~5000 eps (float64, whose sums of thousands of terms lose more digits in ulps).
+# float16 (eps 9.8e-4) and bfloat16 (eps 7.8e-3): ~4 eps elementwise; reductions ~10 eps, for
+# kernels that accumulate in float32 and round the result once (as every sane one does).
 TOLERANCES = {
-    "float32": _table(np.float32, elementwise=1e-6, reduction=1e-5),
-    "float64": _table(np.float64, elementwise=2e-15, reduction=1e-12),
+    "float32": _table(float(np.finfo(np.float32).tiny), elementwise=1e-6, reduction=1e-5),
+    "float64": _table(float(np.finfo(np.float64).tiny), elementwise=2e-15, reduction=1e-12),
+    "float16": _table(float(np.finfo(np.float16).tiny), elementwise=4e-3, reduction=1e-2),
+    "bfloat16": _table(2.0**-126, elementwise=4e-2, reduction=1e-1),
 }
 
 
 def tolerance(dtype, kind) -> Tolerance:
     """The Tolerance for ``kind`` ("exact" | "elementwise" | "reduction") results in ``dtype``."""
-    table = TOLERANCES.get(np.dtype(dtype).name)
+    table = TOLERANCES.get(dtype if isinstance(dtype, str) else np.dtype(dtype).name)
     if table is None or kind not in table:
         raise ValueError(f"tolerance: no entry for dtype {np.dtype(dtype).name} and kind {kind!r}; "
                          f"dtypes {list(TOLERANCES)}, kinds {list(TOLERANCES['float32'])}")
@@ -83,9 +86,11 @@ def compare(name, got, expected, kind, scale=None) -> Mismatch | None:
         return Mismatch(name, f"has shape {got.shape}, expected {expected.shape}")
     if got.dtype != expected.dtype:
         return Mismatch(name, f"has dtype {got.dtype}, expected {expected.dtype}")
-    tol = tolerance(expected.dtype if expected.dtype.kind == "f" else np.float64, kind)
+    tol = tolerance(expected.dtype.name if expected.dtype.name in TOLERANCES else "float64",
+                    kind)
     exp = expected.astype(np.float64)
-    err = np.abs(got.astype(np.float64) - exp)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, counted as an infinite error below
+        err = np.abs(got.astype(np.float64) - exp)
     err = np.where(np.isnan(err), np.inf, err)  # NaN fails every bound
     magnitude = max((float(np.abs(a).max()) for a in (exp, scale) if a is not None and np.size(a)),
                     default=0.0)

@@ -1,16 +1,18 @@
-"""minisparse golden vectors, format version 1.
+"""minisparse golden vectors, format version 2.
 
 One NumPy ``.npz`` file per case, named ``<op>-<case>.npz``, readable with
-``np.load(path, allow_pickle=False)``. Keys:
+``np.load(path, allow_pickle=False)``; SPEC.md (the math, to the last rounding rule) ships
+beside them. Keys:
 
-  format_version   int64 scalar, 1
-  op               str scalar: topk | absmax | absmean | sparse_linear | ffn
-  params           str scalar: a JSON object of the op's keyword arguments (block as [N, M])
+  format_version   int64 scalar, 2
+  op               str scalar: topk | absmax | absmean | sparse_linear | ffn | gpt
+  params           str scalar: a JSON object of the op's keyword arguments (block as [N, M]);
+                   for gpt {"config": {SPEC section 6 fields}}
   input.<name>     the op's inputs, in its dtype (float32 or float64); grad_y is dL/d(output)
   output.<name>    forward results
   grad.<name>      dL/d<name> for each differentiable input, given input.grad_y
 
-What each op computes (SPEC.md sections 1-6; STE backward unless "ste": false):
+What each op computes (SPEC.md sections 1-6, 10; STE backward unless "ste": false):
 
   topk               x, grad_y; k | sparsity | block, rescale, ste -> y, mask, r; grad.x
   absmax             x, grad_y -> q (int8), s [..., 1]; grad.x (= grad_y, STE)
@@ -18,8 +20,28 @@ What each op computes (SPEC.md sections 1-6; STE backward unless "ste": false):
   sparse_linear      x, w, grad_y; sparsity, k, block, rescale, bits, ste -> y (and y_int, the
                      integer-code form, when bits = 1.58); grad.x, grad.w
   ffn                h, up, gate, down, grad_y; act + sparse_linear's -> y; grad.h/up/gate/down
+  gpt                the whole model: input.param.<SPEC name> (every parameter), input.idx,
+                     input.targets -> output.logits [B, T, V], output.loss (mean cross-entropy),
+                     output.trace.<projection>.input / .output (every projection's input as
+                     given to it, before A and sparsify, and its output, in execution order);
+                     grad.<SPEC name> = dloss/dparam
 
-Compare with the tolerances of ``minisparse.oracle.TOLERANCES`` (masks and codes exactly).
+Comparison rule: an entry passes when |got - expected| <= atol + rtol * scale, scale = the
+largest |expected| (for a matmul, of the same product over absolute values: |A| @ |B|).
+Tolerances (rtol; atol = the dtype's smallest normal number):
+
+  kind          what                                               float32   float64
+  exact         masks, codes, top-K outputs without rescale,        0         0
+                STE gradients without rescale
+  elementwise   the absmax scale, dequantized values               1e-6      2e-15
+  reduction     l2 factor r and what it multiplies, the absmean    1e-5      1e-12
+                scale, matmul outputs, weight / input gradients,
+                logits, loss and model gradients
+
+Codes (q, t, y_int) compare exactly except for SPEC 3's boundary flips: a code may differ by
+one where the reference's x·s lies within 8 ulps of a half-integer (never where γ or α is a
+power of two and x·s is exactly k + ½). A quantized model is compared projection by projection
+(SPEC 10): each trace output against the reference on that implementation's own trace input.
 """
 
 from __future__ import annotations
@@ -31,6 +53,7 @@ import numpy as np
 
 from ..quant import absmax_quantize, absmean_ternarize
 from ..sparsity import topk_backward, topk_forward
+from .gpt import gpt_loss_and_grads, gpt_trace
 from .ops import (
     ffn_backward,
     ffn_forward,
@@ -39,13 +62,13 @@ from .ops import (
     sparse_linear_int,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def compute(op, params, inputs):
     """The reference results of one case -> (outputs, grads), dicts of arrays."""
     p = dict(params)  # a block [N, M] from JSON works as it is
-    g = inputs["grad_y"]
+    g = inputs.get("grad_y")
     if op == "topk":
         ste = p.pop("ste")
         y, mask, r = topk_forward(inputs["x"], **p)
@@ -69,6 +92,15 @@ def compute(op, params, inputs):
         p.pop("ste")
         return {"y": ffn_forward(*args, **p)}, dict(zip(("h", "up", "gate", "down"), grads,
                                                         strict=True))
+    if op == "gpt":
+        params = {k[len("param."):]: a for k, a in inputs.items() if k.startswith("param.")}
+        idx, targets, config = inputs["idx"], inputs["targets"], p["config"]
+        out = gpt_trace(params, config, idx, targets)
+        loss, grads = gpt_loss_and_grads(params, config, idx, targets)
+        outputs = {"logits": out["logits"], "loss": np.asarray(loss, out["logits"].dtype)}
+        for name, (x, y) in out["trace"].items():
+            outputs.update({f"trace.{name}.input": x, f"trace.{name}.output": y})
+        return outputs, grads
     raise ValueError(f"compute: unknown op {op!r}")
 
 
@@ -115,7 +147,29 @@ def _cases(rng):
          {"h": h, "up": up, "gate": gate, "down": down}),
         ("ffn", "silu_dense", {**linear, "act": "silu"},
          {"h": h, "up": up, "gate": gate, "down": down}),
+        ("gpt", "bits_topk_l2", {"config": GPT_CONFIG}, _gpt_inputs(rng, GPT_CONFIG)),
+        ("gpt", "moe_bits", {"config": {**GPT_CONFIG, "ffn": "moe", "n_experts": 3,
+                                        "top_experts": 2}},
+         _gpt_inputs(rng, {**GPT_CONFIG, "ffn": "moe", "n_experts": 3, "top_experts": 2})),
     )
+
+
+GPT_CONFIG = dict(vocab_size=11, context=6, d_model=8, n_layers=2, n_heads=2, ffn_hidden=16,
+                  ffn_act="relu2", sparsity=0.5, block=None, rescale="l2", bits=1.58,
+                  rope_base=10000.0, norm_eps=1e-6)
+
+
+def _gpt_inputs(rng, config):
+    """Parameters (SPEC 6 names; normal(0, 0.3) matrices, gains near 1), idx and targets."""
+    from .gpt import oracle_param_shapes
+
+    inputs = {}
+    for name, shape in oracle_param_shapes(config).items():
+        scale = 0.1 if len(shape) == 1 else 0.3
+        inputs[f"param.{name}"] = (len(shape) == 1) + scale * rng.standard_normal(shape)
+    inputs["idx"] = rng.integers(0, config["vocab_size"], (2, config["context"]))
+    inputs["targets"] = rng.integers(0, config["vocab_size"], (2, config["context"]))
+    return inputs
 
 
 def write_vectors(out_dir, seed=0):
@@ -123,6 +177,7 @@ def write_vectors(out_dir, seed=0):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "README.txt").write_text(__doc__)
+    (out_dir / "SPEC.md").write_text((Path(__file__).parent / "SPEC.md").read_text())
     rng = np.random.default_rng(seed)
     paths = []
     for op, case, params, inputs in _cases(rng):
@@ -130,7 +185,8 @@ def write_vectors(out_dir, seed=0):
         shape = first.shape                  # sparse_linear (d_in -> d_out), the output shape
         if op == "sparse_linear":
             shape = (*shape[:-1], inputs["w"].shape[0])
-        inputs = {**inputs, "grad_y": rng.standard_normal(shape).astype(first.dtype)}
+        if op != "gpt":  # the model's gradients are of its loss
+            inputs = {**inputs, "grad_y": rng.standard_normal(shape).astype(first.dtype)}
         outputs, grads = compute(op, params, inputs)
         arrays = {"format_version": np.array(FORMAT_VERSION), "op": np.array(op),
                   "params": np.array(json.dumps(params, sort_keys=True))}
