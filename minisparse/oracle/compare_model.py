@@ -27,7 +27,7 @@ import numpy as np
 
 from ..quant import absmax_quantize
 from .flips import absmax_boundaries, row_variants
-from .gpt import TAU_OF, _act, _cross_entropy, _inputs, attend, rmsnorm_forward
+from .gpt import TAU_OF, _act, _cross_entropy, _inputs, attend, rmsnorm_forward, route
 from .ops import linear_parts
 from .tolerances import compare
 
@@ -204,12 +204,8 @@ def _moe(trace, prefix, p, cfg, dtype, report, taus, h):
     """SPEC 6's routing recomputed on h; each chosen expert's rows checked, outputs gated."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
-    z = x @ p[prefix + "router"].T
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
     k_e = cfg["top_experts"]
-    chosen = np.zeros(probs.shape, bool)
-    np.put_along_axis(chosen, np.argsort(-probs, axis=-1, kind="stable")[:, :k_e], True, -1)
+    probs, chosen = route(x, p[prefix + "router"], k_e)
     y = np.zeros_like(x)
     for ex in range(cfg["n_experts"]):
         rows = np.flatnonzero(chosen[:, ex])

@@ -334,6 +334,17 @@ def glu_backward(dy, cache):
     return dh_up + dh_gate, {"up": d_up, "gate": d_gate, "down": d_down}
 
 
+def route(x, router, k_e):
+    """SPEC 6's router on tokens x [N, d] -> (p = softmax(x @ router.T) [N, E], chosen [N, E]
+    bool: each token's k_e largest p, ties to the lower index -- a stable order of -p)."""
+    z = x @ router.T
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)
+    chosen = np.zeros(probs.shape, bool)
+    np.put_along_axis(chosen, np.argsort(-probs, axis=-1, kind="stable")[:, :k_e], True, -1)
+    return probs, chosen
+
+
 def moe_forward(h, p, cfg, prefix, taus, frozen=None, trace=None):
     """Mixture of experts (SPEC 6) on h [B, T, d] -> (y, load-balancing loss, cache).
 
@@ -343,17 +354,10 @@ def moe_forward(h, p, cfg, prefix, taus, frozen=None, trace=None):
     shape = h.shape
     x = h.reshape(-1, shape[-1])
     n, n_experts, k_e = x.shape[0], cfg["n_experts"], cfg["top_experts"]
-    z = x @ p[prefix + "router"].T  # [N, E]
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
     key = prefix + "choice"
-    if frozen is not None and key in frozen:
-        chosen = frozen[key]
-    else:  # SPEC 6 tie rule: stable order of -p, the first k_e
-        chosen = np.zeros(probs.shape, bool)
-        np.put_along_axis(chosen, np.argsort(-probs, axis=-1, kind="stable")[:, :k_e], True, -1)
-        if frozen is not None:
-            frozen[key] = chosen
+    probs, chosen = route(x, p[prefix + "router"], k_e)
+    if frozen is not None:
+        chosen = frozen.setdefault(key, chosen)
     y = np.zeros_like(x)
     experts = {}
     for ex in range(n_experts):
