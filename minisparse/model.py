@@ -23,6 +23,7 @@ from .functions import cross_entropy, embedding, masked_fill, rmsnorm, softmax
 from .linear import SparseLinear, glu_activation
 from .moe import MoE
 from .nn import Module, Parameter
+from .params import check_named_arrays
 from .quant import quantizers
 from .sparsity import Threshold, make_sparsifier
 from .tensor import Tensor, no_grad
@@ -227,24 +228,7 @@ class _ShapesOnly:
 def check_params(config: GPTConfig, params: dict) -> np.dtype:
     """Check ``params`` has exactly the SPEC names and shapes, one float dtype and finite
     values; return that dtype. Raises ValueError naming the first problem."""
-    shapes = param_shapes(config)
-    missing, unexpected = sorted(shapes.keys() - params.keys()), sorted(params.keys() - shapes)
-    if missing or unexpected:
-        raise ValueError(f"params do not match the config: missing {missing}, "
-                         f"unexpected {unexpected}")
-    dtypes = set()
-    for name, shape in shapes.items():
-        a = np.asarray(params[name])
-        if a.shape != shape:
-            raise ValueError(f"params[{name!r}] has shape {a.shape}, the config needs {shape}")
-        if a.dtype not in (np.float32, np.float64):
-            raise ValueError(f"params[{name!r}] has dtype {a.dtype}; need float32 or float64")
-        if not np.isfinite(a).all():
-            raise ValueError(f"params[{name!r}] has non-finite values")
-        dtypes.add(a.dtype)
-    if len(dtypes) > 1:
-        raise ValueError(f"params mix dtypes {sorted(map(str, dtypes))}; use one float dtype")
-    return dtypes.pop()
+    return check_named_arrays(param_shapes(config), params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numbers
 
 import numpy as np
 
+from ..params import check_named_arrays
 from .ops import _act, linear_parts
 
 PROJECTIONS = ("q", "k", "v", "o", "up", "gate", "down")
@@ -149,25 +150,7 @@ def _positive(name, value):
 def _inputs(params, config, idx):
     """(config dict, the params' float dtype, idx as an int array) after checking all three."""
     cfg = _config(config)
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of name -> ndarray, got {type(params).__name__}")
-    shapes = oracle_param_shapes(cfg)
-    missing, unexpected = sorted(shapes.keys() - params.keys()), sorted(params.keys() - shapes)
-    if missing or unexpected:
-        raise ValueError(f"params do not match the config: missing {missing}, "
-                         f"unexpected {unexpected}")
-    dtypes = set()
-    for name, shape in shapes.items():
-        a = params[name]
-        if not isinstance(a, np.ndarray) or a.shape != shape:
-            raise ValueError(f"params[{name!r}] has shape {np.shape(a)}, the config needs {shape}")
-        if a.dtype not in (np.float32, np.float64):
-            raise ValueError(f"params[{name!r}] has dtype {a.dtype}; need float32 or float64")
-        if not np.isfinite(a).all():
-            raise ValueError(f"params[{name!r}] has non-finite values")
-        dtypes.add(a.dtype)
-    if len(dtypes) > 1:
-        raise ValueError(f"params mix dtypes {sorted(map(str, dtypes))}; use one float dtype")
+    dtype = check_named_arrays(oracle_param_shapes(cfg), params)
     idx = np.asarray(idx)
     if idx.ndim != 2 or idx.dtype.kind not in "iu":
         raise ValueError(f"idx must be integer token ids [B, T], got {idx.dtype} {idx.shape}")
@@ -179,7 +162,7 @@ def _inputs(params, config, idx):
     if idx.min() < 0 or idx.max() >= cfg["vocab_size"]:
         raise ValueError(f"token ids must lie in [0, {cfg['vocab_size']}), got range "
                          f"[{idx.min()}, {idx.max()}]")
-    return cfg, dtypes.pop(), idx
+    return cfg, dtype, idx
 
 
 def _targets(targets, idx, cfg):
