@@ -10,7 +10,8 @@ always equal a full forward pass over the visible window.
 
 A packed model (``kernels.pack_model``) whose config the compiled decode step covers runs
 each position through ``kernels.decode.Decoder`` (one compiled call per token) instead of the
-engine; a window is then refilled position by position, which the causal mask makes equal.
+engine; a window is refilled by one compiled call over its positions (``Decoder.prefill``,
+block by block over all of them), which the causal mask makes equal to the full forward.
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def sample_tokens(
         if decoder is None:
             logits = model(np.array([new]), kv_cache=cache)[0].data[0, -1]  # (1, len(new), V)
         else:
-            for t in new:
-                logits = decoder.step(t)
+            logits = decoder.prefill(new)[-1]
         token = pick_token(logits, temperature, top_k, rng)
         ids.append(token)
         yield token

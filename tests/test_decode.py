@@ -58,3 +58,22 @@ def test_uncovered_configs_keep_the_engine_path():
     model = _model(sparsity=0.5)
     unpack_model(model)
     assert compiled_decoder(model) is None
+
+
+@pytest.mark.parametrize("extra", CONFIGS)
+@pytest.mark.parametrize("cached", [0, 5])
+def test_prefill_equals_single_steps_and_the_full_forward(extra, cached):
+    model = _model(**extra)
+    tokens = np.random.default_rng(cached).integers(0, model.config.vocab_size, 12)
+    stepped, filled = decoder_for(model), decoder_for(model)
+    steps = np.stack([stepped.step(t) for t in tokens])
+    if cached:
+        filled.prefill(tokens[:cached])
+    got = filled.prefill(tokens[cached:])
+    assert got.shape == (12 - cached, model.config.vocab_size) and filled.length == 12
+    # the same operations per position, only in another order (block by block): bit-equal
+    np.testing.assert_array_equal(got, steps[cached:])
+    want = model(tokens[None])[0].data[0]  # the engine's forward over the whole window
+    np.testing.assert_allclose(got, want[cached:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        filled.prefill(tokens[:1])

@@ -103,90 +103,114 @@ def _project(width, x, k, codes, scale, wt):
     return _float_gemv(x, idx, wt)
 
 
-@njit(cache=True)
-def _step(width, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
-          wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps):
-    """Logits [V] for ``token`` at position ``pos``; k_cache / v_cache [L, H, T, dh] get this
-    position's keys and values. Projections per layer l: d -> d (q, k, v, o: index 0-3 of
-    codes_d / wt_d), d -> f (up, gate), f -> d (down)."""
-    d = tok_emb.shape[1]
+@njit(cache=True, fastmath=True)
+def _attend(qh, keys, values, n, out):
+    """out [dh] = softmax(K qh) V over the first n cached positions (keys, values [T, dh]).
+    fastmath: the score dot products may reassociate (float rounding only), which lets LLVM
+    vectorise them; the value sums run over positions in order, a vector of dh at a time."""
+    scores = np.empty(n, np.float32)
+    for t in range(n):
+        acc = np.float32(0)
+        for j in range(qh.shape[0]):
+            acc += qh[j] * keys[t, j]
+        scores[t] = acc
+    scores = np.exp(scores - scores.max())
+    scores /= scores.sum()
+    out[:] = 0
+    for t in range(n):
+        for j in range(qh.shape[0]):
+            out[j] += scores[t] * values[t, j]
+
+
+@njit(cache=True, inline="always")
+def _block(width, layer, pos, x, norms, codes_d, codes_f, codes_down, scales, wt_d, wt_f,
+           wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps):
+    """Block ``layer`` for one position: x [d] updated in place; k_cache / v_cache
+    [L, H, T, dh] get the position's keys and values. Projections per layer: d -> d (q, k, v,
+    o: index 0-3 of codes_d / wt_d), d -> f (up, gate), f -> d (down)."""
+    d = x.shape[0]
     dh = d // n_heads
     half = dh // 2
-    x = tok_emb[token].copy()
     inv = np.float32(1.0 / math.sqrt(dh))
+    h = _rmsnorm(x, norms[layer, 0], eps)
+    q = _project(width, h, k_d, codes_d[layer, 0], scales[layer, 0], wt_d[layer, 0])
+    kk = _project(width, h, k_d, codes_d[layer, 1], scales[layer, 1], wt_d[layer, 1])
+    v = _project(width, h, k_d, codes_d[layer, 2], scales[layer, 2], wt_d[layer, 2])
+    qh = np.empty(dh, np.float32)
+    att_out = np.empty(d, np.float32)
+    for hd in range(n_heads):
+        o = hd * dh
+        for j in range(dh):  # RoPE, half-split: rotate_half([x1, x2]) = [-x2, x1]
+            partner = -q[o + j + half] if j < half else q[o + j - half]
+            kpartner = -kk[o + j + half] if j < half else kk[o + j - half]
+            k_cache[layer, hd, pos, j] = kk[o + j] * cos[pos, j] + kpartner * sin[pos, j]
+            qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
+            v_cache[layer, hd, pos, j] = v[o + j]
+        _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, att_out[o:o + dh])
+    x += _project(width, att_out, k_d, codes_d[layer, 3], scales[layer, 3], wt_d[layer, 3])
+    h = _rmsnorm(x, norms[layer, 1], eps)
+    u = _project(width, h, k_d, codes_f[layer, 0], scales[layer, 4], wt_f[layer, 0])
+    g = _project(width, h, k_d, codes_f[layer, 1], scales[layer, 5], wt_f[layer, 1])
+    if relu2:
+        f = u * np.maximum(g, np.float32(0)) ** 2
+    else:
+        f = u * (g * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * g))))
+    x += _project(width, f, k_f, codes_down[layer], scales[layer, 6], wt_down[layer])
+
+
+@njit(cache=True)
+def _forward(width, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+             scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
+             eps):
+    """Logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
+    ones. Layer by layer, every position through a block before the next block: the block's
+    weights stay in cache over the T positions (the reuse a GEMM gets), and position t reads
+    the keys / values of positions <= t of the same layer, already written (causal)."""
+    n = tokens.shape[0]
+    x = np.empty((n, tok_emb.shape[1]), np.float32)
+    for r in range(n):
+        x[r] = tok_emb[tokens[r]]
     for layer in range(norms.shape[0]):
-        h = _rmsnorm(x, norms[layer, 0], eps)
-        qkv = []
-        for m in range(3):
-            qkv.append(_project(width, h, k_d, codes_d[layer, m], scales[layer, m],
-                                wt_d[layer, m]))
-        q, kk, v = qkv[0], qkv[1], qkv[2]
-        att_out = np.empty(d, np.float32)
-        for hd in range(n_heads):
-            o = hd * dh
-            for j in range(dh):  # RoPE, half-split: rotate_half([x1, x2]) = [-x2, x1]
-                partner = -q[o + j + half] if j < half else q[o + j - half]
-                kpartner = -kk[o + j + half] if j < half else kk[o + j - half]
-                k_cache[layer, hd, pos, j] = kk[o + j] * cos[pos, j] + kpartner * sin[pos, j]
-                att_out[o + j] = q[o + j] * cos[pos, j] + partner * sin[pos, j]
-                v_cache[layer, hd, pos, j] = v[o + j]
-            qh = att_out[o:o + dh] * inv
-            scores = np.empty(pos + 1, np.float32)
-            for t in range(pos + 1):  # a loop, not np.dot: a BLAS call per position costs more
-                kt = k_cache[layer, hd, t]
-                acc = np.float32(0)
-                for j in range(dh):
-                    acc += qh[j] * kt[j]
-                scores[t] = acc
-            scores = np.exp(scores - scores.max())
-            scores /= scores.sum()
-            for j in range(dh):
-                acc = np.float32(0)
-                for t in range(pos + 1):
-                    acc += scores[t] * v_cache[layer, hd, t, j]
-                att_out[o + j] = acc
-        x = x + _project(width, att_out, k_d, codes_d[layer, 3], scales[layer, 3],
-                         wt_d[layer, 3])
-        h = _rmsnorm(x, norms[layer, 1], eps)
-        u = _project(width, h, k_d, codes_f[layer, 0], scales[layer, 4], wt_f[layer, 0])
-        g = _project(width, h, k_d, codes_f[layer, 1], scales[layer, 5], wt_f[layer, 1])
-        if relu2:
-            f = u * np.maximum(g, np.float32(0)) ** 2
-        else:
-            f = u * (g * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * g))))
-        x = x + _project(width, f, k_f, codes_down[layer], scales[layer, 6], wt_down[layer])
-    return tok_emb @ _rmsnorm(x, final_norm, eps)
+        for r in range(n):
+            _block(width, layer, pos0 + r, x[r], norms, codes_d, codes_f, codes_down, scales,
+                   wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
+                   eps)
+    logits = np.empty((n, tok_emb.shape[0]), np.float32)
+    for r in range(n):
+        logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps)
+    return logits
 
 
 # One cached entry per SIMD level, each passing its width as a literal (a new process then
-# loads the step from the cache instead of typing it again).
+# loads the forward from the cache instead of typing it again).
 @njit(cache=True)
-def _step_portable(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
-                   wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
-                   eps):
-    return _step(0, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                 relu2, eps)
-
-
-@njit(cache=True)
-def _step_avx2(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
-               wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps):
-    return _step(32, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                 relu2, eps)
+def _forward_portable(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                      scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                      relu2, eps):
+    return _forward(0, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                    relu2, eps)
 
 
 @njit(cache=True)
-def _step_avx512(token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down, scales,
-                 wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
-                 eps):
-    return _step(64, token, pos, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                 scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                 relu2, eps)
+def _forward_avx2(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                  scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                  relu2, eps):
+    return _forward(32, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                    relu2, eps)
 
 
-_ENTRY = {"portable": _step_portable, "avx2": _step_avx2, "avx512": _step_avx512}
+@njit(cache=True)
+def _forward_avx512(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                    relu2, eps):
+    return _forward(64, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
+                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
+                    relu2, eps)
+
+
+_ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 
 
@@ -235,15 +259,22 @@ class Decoder:
 
     def step(self, token: int) -> np.ndarray:
         """Logits [V] float32 after ``token`` at the next position (the cache must have room)."""
+        return self.prefill([token])[-1]
+
+    def prefill(self, tokens) -> np.ndarray:
+        """Logits [T, V] float32 of ``tokens`` [T] at the next T positions, in one compiled
+        call (equal to T calls of ``step``)."""
         c = self.config
-        if self.length >= c.context:
-            raise ValueError(f"Decoder: the cache holds context={c.context} positions; reset()")
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if self.length + tokens.shape[0] > c.context:
+            raise ValueError(f"Decoder: the cache holds context={c.context} positions, "
+                             f"{self.length} used, {tokens.shape[0]} more given; reset()")
         logits = self._entry(
-            int(token), self.length, self.tok_emb, self.norms, self.final_norm, self.codes_d,
+            tokens, self.length, self.tok_emb, self.norms, self.final_norm, self.codes_d,
             self.codes_f, self.codes_down, self.scales, self.wt_d, self.wt_f, self.wt_down,
             self.k_cache, self.v_cache, self.cos, self.sin, c.n_heads, self.k_d, self.k_f,
             c.ffn_act == "relu2", c.norm_eps)
-        self.length += 1
+        self.length += tokens.shape[0]
         return logits
 
 
