@@ -52,6 +52,16 @@ def test_one_process_follows_the_numpy_trainer_and_eval_reads_it(text_file, tmp_
     assert main(["sample", str(ours.checkpoint), "--max-new-tokens", "5"]) == 0
 
 
+def test_a_second_run_on_a_held_out_dir_is_refused_at_once(text_file, tmp_path):
+    from minisparse import rundir
+
+    with rundir.claim(tmp_path):  # e.g. minisparse train, or another torch run, holds it
+        with pytest.raises(rundir.OutputDirError, match="in use by another training run"):
+            torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path,
+                              progress=False, device="cpu")
+    assert not (tmp_path / "ckpt.npz").exists()
+
+
 def test_either_trainer_resumes_a_torch_checkpoint(text_file, tmp_path):
     """The checkpoint holds the AdamW moments in the engine's format: resuming it in PyTorch
     and in the NumPy trainer gives the same continuation (float rounding apart)."""

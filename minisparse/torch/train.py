@@ -16,6 +16,7 @@ saves at the next step boundary, which all ranks agree on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import rundir
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data import CharTokenizer, DataError, get_batch, make_dataset
 from ..model import param_shapes
@@ -64,6 +66,14 @@ def train(model_config=None, settings=None, *, text=None, data_path=None,
     of a torchrun launch, or alone. Rank 0 logs and writes ``out_dir/ckpt.npz``. ``device``:
     None picks this process's GPU if there is one (bf16 autocast), else the CPU."""
     rank, world, device = _start_processes(device)
+    # rank 0 writes the checkpoint, so it holds out_dir like minisparse train (one run at once)
+    with rundir.claim(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _train(rank, world, device, model_config, settings, text, data_path, out_dir,
+                      resume, init_from, overwrite, progress)
+
+
+def _train(rank, world, device, model_config, settings, text, data_path, out_dir, resume,
+           init_from, overwrite, progress) -> TrainResult:
     if resume and init_from is not None:
         raise ValueError("use either resume or init_from, not both")
     ckpt_path = Path(out_dir) / CKPT_NAME
