@@ -1,4 +1,5 @@
-"""Shared test setup: hypothesis profiles and lesson fast mode.
+"""Shared test setup: hypothesis profiles, lesson fast mode, and the device / SIMD-path
+fixtures the kernel and PyTorch tests run on.
 
 In CI (``CI`` set) hypothesis runs with its built-in ``ci`` profile: derandomized, no
 deadline, no example database -- the same examples on every run.
@@ -8,6 +9,8 @@ import os
 
 import pytest
 from hypothesis import settings
+
+from minisparse.kernels import simd
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
@@ -23,3 +26,12 @@ def torch_device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     return torch.device(request.param)
+
+
+@pytest.fixture(params=simd.LEVELS)
+def level(request, monkeypatch):
+    """Run the ternary kernels on each SIMD path (MINISPARSE_SIMD); skip those the CPU lacks."""
+    if request.param not in simd.host_levels():
+        pytest.skip(f"this CPU runs only {simd.host_levels()}, not {request.param}")
+    monkeypatch.setenv("MINISPARSE_SIMD", request.param)
+    return request.param

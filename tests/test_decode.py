@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minisparse.generate import compiled_decoder, generate
-from minisparse.kernels import pack_model, simd, unpack_model
+from minisparse.kernels import pack_model, unpack_model
 from minisparse.kernels.decode import decoder_for
 from minisparse.model import GPT, GPTConfig, KVCache
 
@@ -19,14 +19,6 @@ def _model(**extra):
     model = GPT(config, np.random.default_rng(3), backend="numba")
     pack_model(model)
     return model
-
-
-@pytest.fixture(params=simd.LEVELS)
-def level(request, monkeypatch):
-    if request.param not in simd.host_levels():
-        pytest.skip(f"this CPU runs only {simd.host_levels()}, not {request.param}")
-    monkeypatch.setenv("MINISPARSE_SIMD", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("extra", CONFIGS)

@@ -47,15 +47,6 @@ def threads(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=simd.LEVELS)
-def level(request, monkeypatch):
-    """Run the ternary kernels on each SIMD path (MINISPARSE_SIMD); skip those the CPU lacks."""
-    if request.param not in simd.host_levels():
-        pytest.skip(f"this CPU runs only {simd.host_levels()}, not {request.param}")
-    monkeypatch.setenv("MINISPARSE_SIMD", request.param)
-    return request.param
-
-
 # the `threads` switch holds for every example of a test, so the fixture need not be reset
 same_threads = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
