@@ -1,12 +1,14 @@
 """Sampling from a GPT with a KV cache: temperature, top-k, a seed, a prompt string or ids.
 
 The cache holds at most ``config.context`` positions. While the sequence fits, each new token
-costs one single-position forward pass. Once it is longer than the context, the model only
-sees the last ``context`` tokens (the crop of nanoGPT's sampler), and the cache is rebuilt by
-one full pass over that window for every further token: keys in layers above the first
-depend on everything the window attends to, so entries computed for an earlier window are
-stale (a sliding window cache would differ from the full forward). The logits therefore
-always equal a full forward pass over the visible window.
+costs one single-position forward pass. When the cache is full, the window slides by half a
+context at once: the last ``(context + 1) // 2`` tokens are run again as one prefill into an
+emptied cache, which then fills up again one position per token. (Keys in layers above the
+first depend on everything the window attends to, so entries computed for an earlier window
+are stale: a sliding cache would differ from the full forward, and nanoGPT's crop, a full
+pass over the last ``context`` tokens for every token, costs ``context`` positions per token.)
+The logits of every token therefore equal a full forward pass over its visible window, the
+tokens from the last slide on: between half a context and a whole one.
 
 A packed model (``kernels.pack_model``) whose config the compiled decode step covers runs
 each position through ``kernels.decode.Decoder`` (one compiled call per token) instead of the
@@ -43,7 +45,7 @@ def sample_tokens(
     for step in range(max_new_tokens):
         if step == 0 or cache.length == context:  # (re)fill the cache from the visible window
             cache.reset()
-            new = ids[-context:]
+            new = ids[-context:] if step == 0 else ids[-visible_after_slide(context):]
         else:
             new = ids[-1:]
         if decoder is None:
@@ -53,6 +55,11 @@ def sample_tokens(
         token = pick_token(logits, temperature, top_k, rng)
         ids.append(token)
         yield token
+
+
+def visible_after_slide(context: int) -> int:
+    """Tokens the window keeps when the cache is full and it slides: half a context, >= 1."""
+    return (context + 1) // 2
 
 
 def compiled_decoder(model):

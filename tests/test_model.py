@@ -361,10 +361,15 @@ def test_loss_is_mean_cross_entropy():
 
 
 def naive_generate(model, ids, n, temperature, top_k, seed):
-    """nanoGPT's sampler: a full forward over the last `context` tokens for every token."""
-    rng, ids = np.random.default_rng(seed), list(ids)
+    """A full forward over each token's visible window, no cache: the window starts as the
+    last `context` tokens and, when one more token would not fit, slides to the last
+    ceil(context / 2)."""
+    rng, ids, context = np.random.default_rng(seed), list(ids), model.config.context
+    start = max(0, len(ids) - context)
     for _ in range(n):
-        logits = model(np.array([ids[-model.config.context :]]))[0].data[0, -1]
+        if len(ids) - start > context:
+            start = len(ids) - (context + 1) // 2
+        logits = model(np.array([ids[start:]]))[0].data[0, -1]
         ids.append(pick_token(logits, temperature, top_k, rng))
     return ids
 
@@ -372,7 +377,8 @@ def naive_generate(model, ids, n, temperature, top_k, seed):
 @pytest.mark.parametrize("name", ["dense", "bits158"])
 def test_generate_with_cache_equals_full_forward_sampling(name):
     model = tiny_model(name)
-    for prompt, n in (([1, 2, 3], 4), ([4] * 11, 3), ([5], 20)):  # fits; prompt > context; long
+    for prompt, n in (([1, 2, 3], 4), ([4] * 11, 3), ([5], 20)):  # fits; prompt > context;
+        # long: the window slides twice
         out = generate(model, prompt, n, temperature=0.8, top_k=5, seed=1)
         assert out == naive_generate(model, prompt, n, 0.8, 5, seed=1)
         assert out[: len(prompt)] == prompt and len(out) == len(prompt) + n
