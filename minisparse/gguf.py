@@ -59,10 +59,12 @@ def write_gguf(params: dict, config: GPTConfig, vocab: list, path) -> None:
     w.add_rope_freq_base(config.rope_base)
     w.add_rope_dimension_count(config.d_model // config.n_heads)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if config.bits else gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
+    # a character vocabulary as a SentencePiece-style ("llama") one: one piece per token, no
+    # merges (a "gpt2" vocabulary must carry a merge list, and llama.cpp refuses an empty one)
+    w.add_tokenizer_model("llama")
     w.add_token_list([str(t) for t in vocab])
+    w.add_token_scores([0.0] * len(vocab))
     w.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
-    w.add_token_merges([])
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
 
