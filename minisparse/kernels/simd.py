@@ -137,14 +137,19 @@ def _tile_codegen(width):
             xv = builder.insert_element(ir.Constant(vw, None), pair, ir.Constant(i64, 0))
             xv = builder.bitcast(builder.shuffle_vector(xv, xv, ir.Constant(
                 ir.VectorType(ir.IntType(32), width // 2), [0] * (width // 2))), vb)
+            # Interleave the two rows' bytes once: the shift and mask of each plane act byte by
+            # byte, so they commute with the shuffle (2 shuffles per pair, not 8).
+            order_ty = ir.VectorType(ir.IntType(32), width)
+            mixed = [builder.shuffle_vector(planes[0], planes[1], ir.Constant(order_ty, order))
+                     for order in (lo, hi)]
             for p in range(4):
-                shift = ir.Constant(vb, [2 * p] * width)
-                a, b = (builder.and_(builder.lshr(v, shift), three) for v in planes)
-                for h, order in enumerate((lo, hi)):
-                    mixed = builder.shuffle_vector(
-                        a, b, ir.Constant(ir.VectorType(ir.IntType(32), width), order))
+                for h in range(2):
+                    plane = builder.lshr(mixed[h], ir.Constant(vb, [2 * p] * width)) if p \
+                        else mixed[h]
+                    if p < 3:
+                        plane = builder.and_(plane, three)
                     acc = accs[2 * p + h]
-                    builder.store(builder.add(builder.load(acc), builder.call(pmadd, [mixed, xv])),
+                    builder.store(builder.add(builder.load(acc), builder.call(pmadd, [plane, xv])),
                                   acc)
         base = cgutils.get_item_pointer(context, builder, out_ty, out, [ir.Constant(i64, 0)],
                                         wraparound=False)
