@@ -380,6 +380,11 @@ assert np.allclose(y.data, np.where(topk_mask(x, 5), x, 0) @ w.data.T)
 assert (kernels.topk_mask(x, 5) == topk_mask(x, 5)).all()  # kernels as plain Python
 from minisparse.kernels import simd
 assert simd.simd_level() == "portable"  # no intrinsics when interpreted
+q = np.array([-128, 127, 3, 0, -7], np.int8)
+for layout in ("inputs", "outputs"):
+    p = kernels.pack_ternary(np.array([[1.0, -1, 0, 1, 1], [0, 1, 1, -1, 0]]), layout)
+    exact = kernels.unpack_ternary(p).astype(np.int64) @ q
+    assert (kernels.ternary_gemv_int(q, np.arange(5), p) == exact).all(), layout
 print("ok")
 """
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

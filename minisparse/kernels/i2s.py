@@ -192,8 +192,12 @@ def _portable_rows(codes, x, q_sum, r0, r1, y):
 
 
 def _rows(width, codes, x, q_sum, r0, r1, y):
-    """_portable_rows (width 0) or _simd_rows (width 32 or 64); compiled code only."""
-    raise NotImplementedError("compiled only")
+    """_portable_rows (width 0) or _simd_rows (width 32 or 64): as written when interpreted
+    (NUMBA_DISABLE_JIT, always width 0), picked while typing by the overload below."""
+    if width == 0:
+        _portable_rows(codes, x, q_sum, r0, r1, y)
+    else:
+        _simd_rows(width, codes, x, q_sum, r0, r1, y)
 
 
 @overload(_rows, prefer_literal=True)
