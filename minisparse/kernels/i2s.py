@@ -156,7 +156,9 @@ def row_sums(typingctx, width, codes, x, first, out):
 @njit(cache=True, inline="always")
 def _padded_input(q, idx, n_blocks):
     """(x int8 [128 B], Σ x): q at the kept inputs idx, 0 elsewhere and past D_in."""
-    x = np.zeros(n_blocks * BLOCK, np.int8)
+    x = np.empty(n_blocks * BLOCK, np.int8)
+    for i in range(x.shape[0]):  # a loop: np.zeros in a parallel kernel is a region of its own
+        x[i] = 0
     q_sum = 0
     for i in idx:
         x[i] = q[i]
@@ -176,19 +178,21 @@ def _simd_rows(width, codes, x, q_sum, r0, r1, y):
 
 @njit(cache=True, inline="always")
 def _portable_rows(codes, x, q_sum, r0, r1, y):
-    """The same sums as _simd_rows in plain loops (the path without AVX2, e.g. ARM64)."""
-    x16 = x.astype(np.int16)
+    """The same sums as _simd_rows in plain loops (the path without AVX2, e.g. ARM64): int32
+    lane sums per byte position j, which LLVM vectorises over j, added up once per row."""
+    x32 = x.astype(np.int32)
+    lanes = np.empty(32, np.int32)
     for o in range(r0, r1):
         row = codes[o]
-        acc = np.int32(0)
+        lanes[:] = 0
         for b in range(row.shape[0] // 32):
-            xb = x16[BLOCK * b:BLOCK * (b + 1)]
+            xb = x32[BLOCK * b:BLOCK * (b + 1)]
             rb = row[32 * b:32 * (b + 1)]
             for j in range(32):
-                c = rb[j]
-                acc += (xb[j] * np.int16(c & 3) + xb[32 + j] * np.int16((c >> 2) & 3)
-                        + xb[64 + j] * np.int16((c >> 4) & 3) + xb[96 + j] * np.int16(c >> 6))
-        y[o] = acc - q_sum
+                c = np.int32(rb[j])
+                lanes[j] += (xb[j] * (c & 3) + xb[32 + j] * ((c >> 2) & 3)
+                             + xb[64 + j] * ((c >> 4) & 3) + xb[96 + j] * (c >> 6))
+        y[o] = lanes.sum() - q_sum
 
 
 def _rows(width, codes, x, q_sum, r0, r1, y):

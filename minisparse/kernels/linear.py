@@ -32,6 +32,7 @@ from ..quant import (
 )
 from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor, _threshold_mask
 from ..tensor import Tensor
+from .simd import simd_level
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
 from .topk import topk_indices, topk_select
@@ -186,10 +187,12 @@ def _row_rescale(a, idx, rescale):
 def pack_linear(w: np.ndarray, bits=None, sparse_inputs=True) -> PackedLinear:
     """W [D_out, D_in] -> PackedLinear: transposed float rows, or 2-bit ternary codes (SPEC 4),
     input-major when the projection's inputs are sparse (a dropped input's codes are skipped),
-    else output-major (bitnet.cpp's I2_S: no shuffles; 1.8x faster over all inputs here).
-    Either layout gives the exact product for any kept set; one layout is kept in memory."""
+    else output-major where the CPU has the SIMD kernels (bitnet.cpp's I2_S: no shuffles; 1.8x
+    faster over all inputs here; the portable loop is faster on input-major codes). Either
+    layout gives the exact product for any kept set; one layout is kept in memory."""
     if bits:
-        return PackedLinear(w, None, pack_ternary(w, "inputs" if sparse_inputs else "outputs"))
+        rows = not sparse_inputs and simd_level() != "portable"
+        return PackedLinear(w, None, pack_ternary(w, "outputs" if rows else "inputs"))
     return PackedLinear(w, pack_sparse_weights(w), None)
 
 
