@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,6 +44,23 @@ def test_compare_interleaves_and_reports_the_ratio():
     assert calls == ["b", "o", "b", "o", "o", "b", "b", "o", "o", "b"]
     assert row["ratio"] > 0 and row["name"] == "x" and row["sparsity"] == 0.5
     assert "x" in bench._format(row)
+
+
+def test_compare_hot_runs_each_side_once_untimed_before_its_timed_call():
+    calls = []
+
+    def side(name, seconds):
+        def fn():  # the second call of each pair (the timed one, if hot works) sleeps
+            calls.append(name)
+            if len(calls) % 2 == 0:
+                time.sleep(seconds)
+        return fn
+
+    row = bench.compare("x", "1x1", None, side("b", 0.02), side("o", 0.01), reps=2, warmup=0,
+                        hot=True)
+    assert calls == ["b", "b", "o", "o", "o", "o", "b", "b"]
+    # the timed calls were the sleeping ones (sleep only bounds from below)
+    assert row["baseline"] >= 0.02 and row["baseline"] / row["ratio"] >= 0.01
 
 
 def test_reps_must_be_a_positive_integer():

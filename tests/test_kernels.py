@@ -17,7 +17,7 @@ from strategies import rows_and_block, rows_and_k
 
 from minisparse import kernels
 from minisparse import linear as reference
-from minisparse.kernels import simd, sparse_matmul, ternary, topk
+from minisparse.kernels import i2s, simd, sparse_matmul, ternary, topk
 from minisparse.quant import absmax_quantize, absmean_ternarize
 from minisparse.sparsity import block_topk_mask, topk_mask
 from minisparse.tensor import Tensor, no_grad
@@ -127,29 +127,59 @@ def test_sparse_gemm_and_weight_grad_equal_masked_dense(case):
 # --- ternary: packing round trip, integer-exact products, int8 codes equal the reference ---
 
 
-@given(problems(max_out=300))
-def test_pack_ternary_round_trip(case):
+LAYOUTS = pytest.mark.parametrize("layout", ternary.LAYOUTS)
+
+
+@LAYOUTS
+@given(problems(max_in=300, max_out=300))
+def test_pack_ternary_round_trip(layout, case):
     _, w, _ = case
-    packed = kernels.pack_ternary(w)
+    packed = kernels.pack_ternary(w, layout)
     t, s = absmean_ternarize(w)
-    assert packed.codes.dtype == np.uint8 and packed.codes.shape[1] * 4 >= w.shape[0]
-    assert packed.codes.nbytes * 4 == packed.codes.shape[0] * packed.codes.shape[1] * 4
+    d_out, d_in = w.shape
+    # 2 bits per weight, each row padded to whole 128-code blocks
+    rows, row_bytes = (d_in, 32 * -(-d_out // 128)) if layout == "inputs" \
+        else (d_out, 32 * -(-d_in // 128))
+    assert packed.codes.dtype == np.uint8 and packed.codes.shape == (rows, row_bytes)
+    assert packed.layout == layout and packed.shape == w.shape
     np.testing.assert_array_equal(kernels.unpack_ternary(packed), t)
     assert packed.scale == s
 
 
+def test_pack_ternary_rejects_an_unknown_layout():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        kernels.pack_ternary(np.ones((2, 3)), "columns")
+
+
+@LAYOUTS
 @settings(same_threads, max_examples=40)
 @given(problems(max_in=300, max_out=600))
-def test_ternary_product_is_integer_exact(threads, level, case):
+def test_ternary_product_is_integer_exact(threads, level, layout, case):
     x, w, k = case
     q, _ = absmax_quantize(x[:1] * 50)
     q = q[0]
     t, _ = absmean_ternarize(w)
     idx = kernels.topk_indices(q.astype(np.float64), k)
     exact = t[:, idx].astype(np.int64) @ q[idx].astype(np.int64)
-    got = kernels.ternary_gemv_int(q, idx, kernels.pack_ternary(w))
+    got = kernels.ternary_gemv_int(q, idx, kernels.pack_ternary(w, layout))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, exact)
+
+
+@pytest.mark.parametrize("q_value", [-128, 127])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_output_major_int16_sums_hold_the_extremes(threads, level, sign, q_value):
+    # 2 blocks of 16 * 128 inputs and a partial one, every q at an extreme: with t = +1 (c = 2)
+    # each int16 lane sums 16 blocks * 4 planes of 2 c q, i.e. exactly -32768 (q = -128) or
+    # 32512 (q = 127) before its flush to int32; with t = -1 (c = 0) it stays 0.
+    d_in = 2 * 16 * 128 + 70
+    w = sign * np.ones((13, d_in))
+    w[5] *= -1
+    q = np.full(d_in, q_value, np.int8)
+    idx = np.arange(d_in)
+    t, _ = absmean_ternarize(w)
+    got = kernels.ternary_gemv_int(q, idx, kernels.pack_ternary(w, "outputs"))
+    np.testing.assert_array_equal(got, t.astype(np.int64) @ q.astype(np.int64))
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -214,15 +244,18 @@ def test_fused_sparse_linear_equals_reference(kwargs, bits, seed, ties):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("sparse_inputs", [True, False])
+@pytest.mark.parametrize("sparsity", [None, 0.5])
 @pytest.mark.parametrize("bits", [None, 1.58])
 @pytest.mark.parametrize("rescale", ["none", "l2"])
-def test_packed_decode_equals_reference(bits, rescale):
+def test_packed_decode_equals_reference(bits, rescale, sparsity, sparse_inputs):
+    # either ternary layout gives the product for any kept set (dense or top-K inputs)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 1, 48)).astype(np.float32)
     w = Tensor(rng.standard_normal((20, 48)).astype(np.float32), requires_grad=True)
-    kw = dict(sparsity=0.5, bits=bits, rescale=rescale)
+    kw = dict(sparsity=sparsity, bits=bits, rescale=rescale)
     want = reference.sparse_linear(Tensor(x), w, backend="numpy", **kw).data
-    w.packed = kernels.pack_linear(w.data, bits)
+    w.packed = kernels.pack_linear(w.data, bits, sparse_inputs)
     with no_grad():
         got = reference.sparse_linear(Tensor(x), w, backend="numba", **kw).data
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -302,6 +335,14 @@ def test_simd_kernel_issues_vpmaddubsw():
     asm = "".join(fresh.inspect_asm().values())
     assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 ternary GEMV: no vpmaddubsw"
 
+    def rows(q, idx, codes):
+        return i2s._rows_serial(32, q, idx, codes)  # inlined: compiled here
+
+    fresh = njit(rows)
+    fresh(np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
+    asm = "".join(fresh.inspect_asm().values())
+    assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 I2_S GEMV: no vpmaddubsw"
+
 
 # --- the backend switch ---
 
@@ -339,6 +380,11 @@ assert np.allclose(y.data, np.where(topk_mask(x, 5), x, 0) @ w.data.T)
 assert (kernels.topk_mask(x, 5) == topk_mask(x, 5)).all()  # kernels as plain Python
 from minisparse.kernels import simd
 assert simd.simd_level() == "portable"  # no intrinsics when interpreted
+q = np.array([-128, 127, 3, 0, -7], np.int8)
+for layout in ("inputs", "outputs"):
+    p = kernels.pack_ternary(np.array([[1.0, -1, 0, 1, 1], [0, 1, 1, -1, 0]]), layout)
+    exact = kernels.unpack_ternary(p).astype(np.int64) @ q
+    assert (kernels.ternary_gemv_int(q, np.arange(5), p) == exact).all(), layout
 print("ok")
 """
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

@@ -32,6 +32,7 @@ from ..quant import (
 )
 from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor, _threshold_mask
 from ..tensor import Tensor
+from .simd import simd_level
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
 from .topk import topk_indices, topk_select
@@ -183,10 +184,15 @@ def _row_rescale(a, idx, rescale):
     return _rescale_factor("sparse_linear", a, mask, rescale)  # [1]
 
 
-def pack_linear(w: np.ndarray, bits=None) -> PackedLinear:
-    """W [D_out, D_in] -> PackedLinear: transposed float rows, or 2-bit ternary codes (SPEC 4)."""
+def pack_linear(w: np.ndarray, bits=None, sparse_inputs=True) -> PackedLinear:
+    """W [D_out, D_in] -> PackedLinear: transposed float rows, or 2-bit ternary codes (SPEC 4),
+    input-major when the projection's inputs are sparse (a dropped input's codes are skipped),
+    else output-major where the CPU has the SIMD kernels (bitnet.cpp's I2_S: no shuffles; 1.8x
+    faster over all inputs here; the portable loop is faster on input-major codes). Either
+    layout gives the exact product for any kept set; one layout is kept in memory."""
     if bits:
-        return PackedLinear(w, None, pack_ternary(w))
+        rows = not sparse_inputs and simd_level() != "portable"
+        return PackedLinear(w, None, pack_ternary(w, "outputs" if rows else "inputs"))
     return PackedLinear(w, pack_sparse_weights(w), None)
 
 
@@ -199,6 +205,8 @@ def pack_model(model) -> int:
     for _, module in model.named_modules():
         if isinstance(module, SparseLinear):
             p = module.weight
+            # Input-major codes for every projection, dense inputs too: the compiled decode
+            # step (decode.py) reads that layout.
             p.packed = pack_linear(p.data, kernel_options(module)["bits"])
             p.data.flags.writeable = False
             n += 1

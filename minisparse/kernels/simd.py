@@ -34,7 +34,8 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 LEVELS = ("portable", "avx2", "avx512")
-PREFETCH_AHEAD = 256  # bytes ahead in each code row
+PREFETCH_AHEAD = 256  # bytes ahead in each code row...
+SHORT_ROW = 1024  # ...in rows of at least this many bytes (D_out >= 4096), else pairs ahead
 PAIRS_PER_FLUSH = 16  # pairs per int16 flush (<= 64: 64 * 512 = 32768); fewer rows side by side
 _FEATURES = {"avx2": ("avx2",), "avx512": ("avx2", "avx512f", "avx512bw")}
 _WIDTH = {"avx2": 32, "avx512": 64}  # bytes of each code row per tile
@@ -100,6 +101,10 @@ def _tile_codegen(width):
         three = ir.Constant(vb, [3] * width)
         lo = [j for b in range(0, width, 16) for i in range(8) for j in (b + i, width + b + i)]
         hi = [j + 8 for j in lo]
+        n_rows = cgutils.unpack_tuple(builder, rows.shape, 1)[0]
+        last = builder.sub(n_rows, ir.Constant(i64, 1))
+        short = builder.icmp_signed("<", cgutils.unpack_tuple(builder, codes.shape, 2)[1],
+                                    ir.Constant(i64, SHORT_ROW))
         with cgutils.for_range_slice(builder, start, end, ir.Constant(i64, 1)) as (n, _):
             two_n = builder.mul(n, ir.Constant(i64, 2))
             planes = []
@@ -112,22 +117,39 @@ def _tile_codegen(width):
                 v = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
                 planes.append(v)
                 # 128 rows are read side by side, more streams than the prefetchers follow:
-                # ask for the row's bytes PREFETCH_AHEAD on (a hint, never a fault).
-                builder.call(prefetch, [builder.gep(ptr, [ir.Constant(i64, PREFETCH_AHEAD)]),
-                                        i32(0), i32(3), i32(1)])
+                # ask for the row's bytes PREFETCH_AHEAD on (a hint, never a fault) or, in
+                # rows shorter than SHORT_ROW, for this tile of the row 2 PAIRS_PER_FLUSH on,
+                # which the next call reads (PREFETCH_AHEAD on is past a short row's end).
+                with builder.if_else(short) as (then, otherwise):  # loop-invariant: unswitched
+                    with then:
+                        j = builder.add(two_n, ir.Constant(i64, 2 * PAIRS_PER_FLUSH + m))
+                        j = builder.select(builder.icmp_signed("<", j, n_rows), j, last)
+                        later = builder.load(cgutils.get_item_pointer(
+                            context, builder, rows_ty, rows, [j], wraparound=False))
+                        builder.call(prefetch, [cgutils.get_item_pointer(
+                            context, builder, codes_ty, codes, [later, col], wraparound=False),
+                            i32(0), i32(3), i32(1)])
+                    with otherwise:
+                        ahead = builder.gep(ptr, [ir.Constant(i64, PREFETCH_AHEAD)])
+                        builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
             pair = builder.load(cgutils.get_item_pointer(context, builder, xp_ty, xp, [n],
                                                          wraparound=False))
             xv = builder.insert_element(ir.Constant(vw, None), pair, ir.Constant(i64, 0))
             xv = builder.bitcast(builder.shuffle_vector(xv, xv, ir.Constant(
                 ir.VectorType(ir.IntType(32), width // 2), [0] * (width // 2))), vb)
+            # Interleave the two rows' bytes once: the shift and mask of each plane act byte by
+            # byte, so they commute with the shuffle (2 shuffles per pair, not 8).
+            order_ty = ir.VectorType(ir.IntType(32), width)
+            mixed = [builder.shuffle_vector(planes[0], planes[1], ir.Constant(order_ty, order))
+                     for order in (lo, hi)]
             for p in range(4):
-                shift = ir.Constant(vb, [2 * p] * width)
-                a, b = (builder.and_(builder.lshr(v, shift), three) for v in planes)
-                for h, order in enumerate((lo, hi)):
-                    mixed = builder.shuffle_vector(
-                        a, b, ir.Constant(ir.VectorType(ir.IntType(32), width), order))
+                for h in range(2):
+                    plane = builder.lshr(mixed[h], ir.Constant(vb, [2 * p] * width)) if p \
+                        else mixed[h]
+                    if p < 3:
+                        plane = builder.and_(plane, three)
                     acc = accs[2 * p + h]
-                    builder.store(builder.add(builder.load(acc), builder.call(pmadd, [mixed, xv])),
+                    builder.store(builder.add(builder.load(acc), builder.call(pmadd, [plane, xv])),
                                   acc)
         base = cgutils.get_item_pointer(context, builder, out_ty, out, [ir.Constant(i64, 0)],
                                         wraparound=False)

@@ -1,6 +1,10 @@
 """Ternary weights at 2 bits per weight, int8 activations, integer accumulation (SPEC 3-5).
 
-Packed layout (``PackedTernary.codes``, uint8 [D_in, Q], Q = 32 * ceil(D_out / 128)): like the
+Two layouts of the same codes c = t + 1: "inputs" (below), for products over a sparse input,
+and "outputs" (``i2s.py``, bitnet.cpp's I2_S), faster when every input is kept. The packer
+picks one per projection (``pack_ternary(w, layout)``); ``ternary_gemv_int`` runs either.
+
+Input-major layout (``PackedTernary.codes``, uint8 [D_in, Q], Q = 32 * ceil(D_out / 128)): like the
 float path, one row per *input* i, so a sparse product reads only the rows of kept inputs.
 Each weight is stored as the code c = t + 1 in {0, 1, 2}; byte b of a row holds the codes of
 outputs b, Q + b, 2Q + b, 3Q + b in bit pairs 0-1, 2-3, 4-5, 6-7 (outputs past D_out hold c = 1,
@@ -28,10 +32,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant import absmean_ternarize
+from .i2s import pack_rows, rows_gemv_int, unpack_rows
 from .simd import simd_gemv_int, simd_level
 from .topk import PARALLEL_MIN_SIZE
 
 PARALLEL_MIN_CODES = 1 << 23  # K * D_out below this: one thread (see sparse_matmul.py)
+LAYOUTS = ("inputs", "outputs")  # codes [D_in, Q] (skip dropped inputs) | [D_out, 32 B] (I2_S)
 _INT16_ROWS = 128  # rows summed in int16 before a flush to int32
 
 
@@ -70,17 +76,23 @@ def _prefetch_row(row):
 
 @dataclass(frozen=True)
 class PackedTernary:
-    """Ternary codes of W [D_out, D_in] at 2 bits per weight (layout above), scale s_w."""
+    """Ternary codes of W [D_out, D_in] at 2 bits per weight in one of LAYOUTS, scale s_w."""
 
-    codes: np.ndarray  # uint8 [D_in, Q]
+    codes: np.ndarray  # uint8 [D_in, Q] ("inputs") or [D_out, 32 ceil(D_in / 128)] ("outputs")
     scale: float  # s_w = 1 / max(mean|W|, 1e-5): W ≈ t / s_w (SPEC 4)
     shape: tuple  # (D_out, D_in)
+    layout: str = "inputs"
 
 
-def pack_ternary(w: np.ndarray) -> PackedTernary:
-    """W [D_out, D_in] float -> t = absmean_ternarize(W) (SPEC 4), packed at 2 bits per weight."""
+def pack_ternary(w: np.ndarray, layout: str = "inputs") -> PackedTernary:
+    """W [D_out, D_in] float -> t = absmean_ternarize(W) (SPEC 4), packed at 2 bits per weight:
+    layout "inputs" (one row per input, for sparse inputs) or "outputs" (I2_S, dense inputs)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"pack_ternary: layout must be one of {LAYOUTS}, got {layout!r}")
     t, s = absmean_ternarize(w)
     d_out, d_in = t.shape
+    if layout == "outputs":
+        return PackedTernary(pack_rows(t), float(s), (d_out, d_in), layout)
     q = 32 * -(-d_out // 128)
     c = np.ones((d_in, 4 * q), np.uint8)
     c[:, :d_out] = (t.T + 1).astype(np.uint8)
@@ -91,7 +103,9 @@ def pack_ternary(w: np.ndarray) -> PackedTernary:
 
 def unpack_ternary(p: PackedTernary) -> np.ndarray:
     """PackedTernary -> t int8 [D_out, D_in] in {-1, 0, 1} (the inverse of pack_ternary)."""
-    d_out, _ = p.shape
+    d_out, d_in = p.shape
+    if p.layout == "outputs":
+        return unpack_rows(p.codes, d_in)
     planes = [(p.codes >> (2 * s)) & 3 for s in range(4)]  # each [D_in, Q]
     c = np.concatenate(planes, axis=1)[:, :d_out]
     return (c.astype(np.int8) - 1).T.copy()
@@ -200,10 +214,15 @@ def _ternary_parallel(x16, idx, words, d_out, parts):
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
     """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs).
 
-    On x86 with AVX2 / AVX-512BW the vpmaddubsw kernels of ``simd.py`` run (the same layout);
-    elsewhere, or with MINISPARSE_SIMD=portable, the portable loop below."""
-    parallel = idx.shape[0] * p.shape[0] >= PARALLEL_MIN_CODES
+    On x86 with AVX2 / AVX-512BW the vpmaddubsw kernels of ``simd.py`` / ``i2s.py`` run;
+    elsewhere, or with MINISPARSE_SIMD=portable, the portable loops. The "outputs" layout
+    reads every code (a dropped input only gets q = 0)."""
     level = simd_level()
+    if p.layout == "outputs":
+        parallel = p.shape[0] * p.shape[1] >= PARALLEL_MIN_CODES
+        return rows_gemv_int(np.ascontiguousarray(xq), np.ascontiguousarray(idx, np.int64),
+                             p.codes, level, get_num_threads() if parallel else 1)
+    parallel = idx.shape[0] * p.shape[0] >= PARALLEL_MIN_CODES
     if level != "portable":
         return simd_gemv_int(np.ascontiguousarray(xq), np.ascontiguousarray(idx, np.int64),
                              p.codes, p.shape[0], level, get_num_threads() if parallel else 1)
