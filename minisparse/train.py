@@ -250,11 +250,14 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
 
     def save():
         """Write the checkpoint if the state is sane; else return why not (and write nothing)."""
-        problem = _diverged(model, optimizer, data.val, settings, diverged_above)
+        params, optimizer_state = model.state_dict(), optimizer.state_dict()
+        problem = _diverged(params, optimizer_state, lambda: evaluate(
+            model, data.val, np.random.default_rng(settings.eval_seed), 1, settings.batch),
+            diverged_above)
         if problem is None:
             save_checkpoint(ckpt_path, Checkpoint(
-                config=config, params=model.state_dict(), vocab=tokenizer.vocab, step=step,
-                optimizer=optimizer.state_dict(), rng_state=rng.bit_generator.state,
+                config=config, params=params, vocab=tokenizer.vocab, step=step,
+                optimizer=optimizer_state, rng_state=rng.bit_generator.state,
                 settings=settings.to_dict(), data=data_info, history=history))
         return problem
 
@@ -271,9 +274,7 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
         return loss
 
     def stop(problem):
-        kept = ("no checkpoint was written" if saved_step is None else
-                f"kept the last good checkpoint {ckpt_path} (step {saved_step})")
-        result.stopped = f"{problem}; stopped and {kept}; a lower lr may help"
+        result.stopped = _stop_reason(problem, ckpt_path, saved_step)
 
     result = TrainResult(config, settings, step)
     saved_step = step if resume else None  # step of the last checkpoint of this run
@@ -353,20 +354,30 @@ def _check_fits_in_memory(config: GPTConfig) -> None:
 DIVERGED = 10  # a loss above DIVERGED * ln V (uniform guessing) means the run has diverged
 
 
-def _diverged(model: GPT, optimizer: AdamW, val: np.ndarray, settings: TrainSettings,
-              limit: float) -> str | None:
-    """Why the current state must not be saved (a non-finite parameter or optimizer moment,
-    or a non-finite or diverged loss on one validation batch), or None if it is sane."""
-    for name, p in model.named_parameters():
-        if not np.isfinite(p.data).all():
+def _diverged(params: dict, optimizer_state: dict, val_loss, limit: float) -> str | None:
+    """Why a training state must not be saved (a non-finite parameter or optimizer moment,
+    or a non-finite or diverged loss on one validation batch), or None if it is sane.
+    ``params`` and ``optimizer_state`` are the checkpoint's arrays (the engine's state dicts;
+    the PyTorch trainer converts to them); ``val_loss()`` is the loss of one validation batch,
+    computed only once the state is finite. Shared by both trainers."""
+    for name, value in params.items():
+        if not np.isfinite(value).all():
             return f"parameter {name} is not finite"
-    for key, value in optimizer.state_dict().items():
+    for key, value in optimizer_state.items():
         if isinstance(value, np.ndarray) and not np.isfinite(value).all():
             return f"optimizer state {key} is not finite"
-    loss = evaluate(model, val, np.random.default_rng(settings.eval_seed), 1, settings.batch)
+    loss = val_loss()
     if not math.isfinite(loss) or loss > limit:
         return f"the validation loss is {loss}"
     return None
+
+
+def _stop_reason(problem: str, ckpt_path: Path, saved_step: int | None) -> str:
+    """``TrainResult.stopped`` of a diverging run: what went wrong and which checkpoint is
+    left (``saved_step``: the step of this run's last good checkpoint, None if none)."""
+    kept = ("no checkpoint was written" if saved_step is None else
+            f"kept the last good checkpoint {ckpt_path} (step {saved_step})")
+    return f"{problem}; stopped and {kept}; a lower lr may help"
 
 
 def _settings(settings, saved: dict) -> TrainSettings:

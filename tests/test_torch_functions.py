@@ -126,6 +126,22 @@ def test_torch_topk_would_fail_the_tie_rule():
     assert not check("topk", naive, max_examples=200).passed
 
 
+@pytest.mark.parametrize("name, quantize, reference",
+                         [("FakeQuant int8", F.absmax_quantize, absmax_quantize),
+                          ("WeightQuant", F.absmean_ternarize, absmean_ternarize)])
+def test_fake_quant_is_the_reference_dequantized_and_straight_through(torch_device, name,
+                                                                      quantize, reference):
+    """Q(x) = dequantize(quantize(x)) of the NumPy reference, bit for bit; backward g (STE).
+    ``WeightQuant.apply(w)`` (lesson 7 imports it) is ``FakeQuant.apply(w, absmean_ternarize)``."""
+    x = np.random.default_rng(7).normal(0, 0.02, (6, 40)).astype(np.float32)
+    t = torch.from_numpy(x).to(torch_device).requires_grad_()
+    y = F.WeightQuant.apply(t) if name == "WeightQuant" else F.FakeQuant.apply(t, quantize)
+    np.testing.assert_array_equal(y.detach().cpu().numpy(), dequantize(*reference(x)))
+    g = torch.from_numpy(np.random.default_rng(8).normal(size=x.shape).astype(np.float32))
+    y.backward(g.to(torch_device))
+    np.testing.assert_array_equal(t.grad.cpu().numpy(), g.numpy())
+
+
 def test_threshold_is_strict_and_straight_through(torch_device):
     x = torch.tensor([[0.5, -0.5, 0.7, -0.2, 0.0]], dtype=torch.float64, device=torch_device,
                      requires_grad=True)

@@ -86,20 +86,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_follow_one(text_file, tmp_path):
+def _torchrun_two_processes(*flags):
+    """``torchrun --nproc_per_node 2 -m minisparse.torch.train FLAGS`` on the CPU (gloo)."""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    one = torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path / "one",
-                            progress=False, device="cpu")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, as the 1-process run
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                           os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "minisparse.torch.train", *FLAGS, "--data", str(text_file),
-           "--out", str(tmp_path / "two")]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+           "-m", "minisparse.torch.train", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_follow_one(text_file, tmp_path):
+    one = torch_train.train(MODEL, SETTINGS, data_path=text_file, out_dir=tmp_path / "one",
+                            progress=False, device="cpu")
+    out = _torchrun_two_processes(*FLAGS, "--data", str(text_file), "--out", str(tmp_path / "two"))
     assert out.returncode == 0, out.stderr[-2000:]
     two = load_checkpoint(tmp_path / "two" / "ckpt.npz")
     np.testing.assert_allclose(two.history["train_loss"], one.train_loss, rtol=1e-4)
@@ -107,6 +111,71 @@ def test_torchrun_two_processes_follow_one(text_file, tmp_path):
     worst = np.max(np.abs(np.subtract(two.history["train_loss"], one.train_loss))
                    / np.abs(one.train_loss))
     print(f"2 processes vs 1: largest relative loss difference {worst:.2g}")
+
+
+# --- divergence: the last good checkpoint is kept, as minisparse train keeps it -----------
+DIVERGE = ["--lr", "1e38", "--warmup", "0", "--ckpt-interval", "1"]
+
+
+def test_a_diverging_resume_keeps_the_last_good_checkpoint_byte_identical(text_file, tmp_path,
+                                                                           capsys):
+    torch_train.train(MODEL, {**SETTINGS, "iters": 4}, data_path=text_file, out_dir=tmp_path,
+                      progress=False, device="cpu")
+    before = (tmp_path / "ckpt.npz").read_bytes()
+    code = torch_train.main(["--resume", "--out", str(tmp_path), "--iters", "8", *DIVERGE,
+                             "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"kept the last good checkpoint {tmp_path / 'ckpt.npz'} (step 4)" in err
+    assert "a lower lr may help" in err and err.count("\n") == 1  # one line
+    assert (tmp_path / "ckpt.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("lr", [1e38, 1e10])
+def test_a_run_that_diverges_from_scratch_saves_only_sane_states(text_file, tmp_path, lr):
+    # lr 1e10 passes through finite but absurd states (huge weights, a huge loss): the guard
+    # catches them before a save, not only NaNs
+    result = torch_train.train(MODEL, {**SETTINGS, "iters": 21, "lr": lr, "warmup": 0,
+                                       "ckpt_interval": 1},
+                               data_path=text_file, out_dir=tmp_path, progress=False,
+                               device="cpu")
+    assert result.stopped is not None and "a lower lr may help" in result.stopped
+    assert result.final_val_loss is None
+    if result.checkpoint is not None:  # only states that passed the check were written
+        ckpt = load_checkpoint(result.checkpoint)
+        assert max(np.abs(a).max() for a in ckpt.params.values()) < 1e6
+        assert f"(step {ckpt.step})" in result.stopped
+
+
+def test_the_guard_is_the_numpy_trainers(text_file, tmp_path, monkeypatch):
+    """A state the shared check refuses is not written, whatever the loss says."""
+    seen = []
+
+    def refuse(params, optimizer_state, val_loss, limit):
+        seen.append(sorted(params) == sorted(load_checkpoint(tmp_path / "ok" / "ckpt.npz")
+                                             .params))
+        return "parameter blocks.0.attn.q is not finite"
+
+    torch_train.train(MODEL, {**SETTINGS, "iters": 2}, data_path=text_file,
+                      out_dir=tmp_path / "ok", progress=False, device="cpu")
+    monkeypatch.setattr(torch_train, "_diverged", refuse)
+    result = torch_train.train(MODEL, {**SETTINGS, "iters": 2}, data_path=text_file,
+                               out_dir=tmp_path / "no", progress=False, device="cpu")
+    assert seen == [True]  # called once, with every SPEC parameter, at the final save
+    assert result.stopped == ("parameter blocks.0.attn.q is not finite after step 2; stopped "
+                              "and no checkpoint was written; a lower lr may help")
+    assert result.checkpoint is None
+
+
+@pytest.mark.slow
+def test_on_two_processes_rank_0_decides_and_every_rank_stops(text_file, tmp_path):
+    flags = [*FLAGS, "--data", str(text_file), "--out", str(tmp_path)]
+    assert _torchrun_two_processes(*flags, "--iters", "4").returncode == 0
+    before = (tmp_path / "ckpt.npz").read_bytes()
+    out = _torchrun_two_processes(*flags, "--resume", *DIVERGE)
+    assert out.returncode != 0  # torchrun: a worker exited with 1
+    assert out.stderr.count("kept the last good checkpoint") == 1, out.stderr[-2000:]
+    assert (tmp_path / "ckpt.npz").read_bytes() == before
 
 
 def test_trains_on_each_device(text_file, tmp_path, torch_device):

@@ -96,30 +96,27 @@ def absmean_ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(w * s), -1, 1).to(torch.int8), s
 
 
-class ActQuant(torch.autograd.Function):
-    """Q(x) = q / s with per-row int8 absmax codes (SPEC 3); backward the identity (STE)."""
+class FakeQuant(torch.autograd.Function):
+    """Q(x) = codes / s for a quantizer ``quantize(x) -> (codes, s)``: ``absmax_quantize``
+    (int8 per row, SPEC 3) or ``absmean_ternarize`` (ternary, SPEC 4); backward the identity
+    (STE). ``FakeQuant.apply(x, quantize)``."""
 
     @staticmethod
-    def forward(ctx, x):
-        q, s = absmax_quantize(x)
-        return q / s
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class WeightQuant(torch.autograd.Function):
-    """Qw(w) = t / s with ternary absmean codes (SPEC 4); backward the identity (STE)."""
-
-    @staticmethod
-    def forward(ctx, w):
-        t, s = absmean_ternarize(w)
-        return t / s
+    def forward(ctx, x, quantize):
+        codes, s = quantize(x)
+        return codes / s
 
     @staticmethod
     def backward(ctx, g):
-        return g
+        return g, None
+
+
+class WeightQuant(FakeQuant):
+    """FakeQuant with the ternary absmean codes: ``WeightQuant.apply(w)`` = Qw(w) (SPEC 4)."""
+
+    @classmethod
+    def apply(cls, w):
+        return super().apply(w, absmean_ternarize)
 
 
 def qsparse_linear(x, w, *, sparsity=0.0, k=None, block=None, rescale="none", bits=None,
@@ -136,7 +133,7 @@ def qsparse_linear(x, w, *, sparsity=0.0, k=None, block=None, rescale="none", bi
                          "sparsity, block or rescale with it (SPEC 11)")
     k, block = resolve_linear(w.shape[1], sparsity=sparsity, k=k, block=block, rescale=rescale,
                               bits=bits, ste=ste, op="qsparse_linear")
-    a = ActQuant.apply(x) if bits else x
+    a = FakeQuant.apply(x, absmax_quantize) if bits else x
     if tau is not None:  # every mask sees A(X), the values it masks
         a = threshold(a, tau, ste=ste)
     elif k is not None or block is not None:

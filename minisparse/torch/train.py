@@ -11,7 +11,10 @@ N-process run follows the 1-process run up to float rounding (the all-reduce sum
 per-rank gradients in another order). gloo on the CPU, NCCL on CUDA, bf16 autocast on a GPU.
 Checkpoints are minisparse's own (``minisparse eval`` / ``sample`` / ``train --resume`` read
 them; the AdamW moments are stored in the engine's format). Ctrl-C (SIGINT on every process)
-saves at the next step boundary, which all ranks agree on.
+saves at the next step boundary, which all ranks agree on. As in ``minisparse train``, a
+diverging run (a non-finite loss or state, or a loss far above ln V) stops without touching
+the last good checkpoint: rank 0 checks every state before writing it and all ranks stop on
+its word.
 """
 
 from __future__ import annotations
@@ -31,17 +34,22 @@ import torch
 from .. import rundir
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data import CharTokenizer, DataError, get_batch, make_dataset
+from ..model import GPT as EngineGPT
 from ..model import param_shapes
 from ..optim import lr_at
 from ..train import (
     CKPT_NAME,
+    DIVERGED,
     TrainResult,
     _config,
+    _diverged,
     _Progress,
     _settings,
     _Signals,
+    _stop_reason,
     resolve_text,
 )
+from ..train import evaluate as engine_evaluate
 from .model import GPT
 
 
@@ -114,14 +122,25 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=model.config["ffn"] == "moe")  # idle experts
 
+    diverged_above = DIVERGED * math.log(config.vocab_size)
+
     def save():
+        """Write the checkpoint if the state is sane; else return why not (and write nothing).
+        Rank 0 checks and writes; every rank returns its verdict."""
+        problem = None
         if rank == 0:
             params = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}
-            save_checkpoint(ckpt_path, Checkpoint(
-                config=config, params=params, vocab=tokenizer.vocab,
-                step=step, optimizer=_engine_adamw(optimizer),
-                rng_state=rng.bit_generator.state, settings=settings.to_dict(),
-                data=data_info, history=history))
+            optimizer_state = _engine_adamw(optimizer)
+            problem = _diverged(params, optimizer_state,
+                                lambda: _engine_val_loss(config, params, data.val, settings),
+                                diverged_above)
+            if problem is None:
+                save_checkpoint(ckpt_path, Checkpoint(
+                    config=config, params=params, vocab=tokenizer.vocab,
+                    step=step, optimizer=optimizer_state,
+                    rng_state=rng.bit_generator.state, settings=settings.to_dict(),
+                    data=data_info, history=history))
+        return _from_rank_0(problem, world)
 
     def validate(batches):
         loss = float("nan")
@@ -134,14 +153,21 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
             log.write(f"step {step}: val loss {loss:.4f}")
         return loss
 
+    def stop(problem):
+        result.stopped = _stop_reason(problem, ckpt_path, saved_step)
+
     result = TrainResult(config, settings, step)
+    saved_step = step if resume else None  # step of the last checkpoint of this run
     rows = slice(rank * settings.batch // world, (rank + 1) * settings.batch // world)
     train_time, train_tokens = 0.0, 0
     with _Signals() as signals, _Progress(progress and rank == 0, settings, step) as log:
         while step < settings.iters:
             # every rank stops at the same step (a signal may reach only some of them)
             if _any_process(signals.received is not None, world, device):
-                save()
+                problem = save()
+                if problem is not None:
+                    stop(f"{problem} at step {step}")
+                    break
                 result.signal = signals.received or signal.SIGINT
                 result.stopped = f"interrupted at step {step}; checkpoint saved to {ckpt_path}"
                 break
@@ -151,9 +177,8 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
             with _autocast(device):
                 _, loss = ddp(x, y)
             loss_value = _mean_over_processes(loss.detach(), world)
-            if not math.isfinite(loss_value):
-                result.stopped = (f"loss is {loss_value} at step {step + 1}; stopped and kept "
-                                  "the last checkpoint; a lower lr may help")
+            if not math.isfinite(loss_value) or loss_value > diverged_above:
+                stop(f"loss is {loss_value} at step {step + 1}")  # every rank: the mean loss
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: every rank ends with the mean gradient of the global batch
@@ -162,7 +187,16 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
                        warmup=settings.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:
+                # torch refuses a step size lr / (1 - beta1^t) beyond the parameters' float
+                # range (the NumPy engine takes it and its guard then finds infinities)
+                if "overflow" not in str(e):
+                    raise
+                stop(f"the AdamW update of step {step + 1} overflows the parameters' float "
+                     f"type (lr {lr:g})")
+                break
             step += 1
             history["train_loss"].append(loss_value)
             train_time += time.perf_counter() - t0
@@ -173,7 +207,12 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
             elif step % settings.eval_interval == 0:
                 validate(settings.eval_batches)
             if step == settings.iters or step % settings.ckpt_interval == 0:
-                save()
+                problem = save()
+                if problem is not None:
+                    stop(f"{problem} after step {step}")
+                    result.final_val_loss = None
+                    break
+                saved_step = step
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is on disk before anyone returns
     if result.stopped is None and result.final_val_loss is None and history["val_loss"]:
@@ -184,6 +223,17 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
     result.checkpoint = ckpt_path if ckpt_path.exists() else None
     result.tokens_per_second = train_tokens / train_time if train_time else 0.0
     return result
+
+
+def _engine_val_loss(config, params: dict, val: np.ndarray, settings) -> float:
+    """The loss of one validation batch as ``minisparse eval`` computes it from these arrays
+    (the NumPy engine). The divergence guard asks the engine, not PyTorch: PyTorch's kernels
+    turn some overflowed states (weights of 1e37) into a uniform guess, loss ln V, which the
+    guard would pass, where the engine -- and so eval of the checkpoint -- gives NaN."""
+    engine = EngineGPT.from_params(config, params, backend="numpy")
+    with np.errstate(over="ignore", invalid="ignore"):  # the guard reports it in one line
+        return engine_evaluate(engine, val, np.random.default_rng(settings.eval_seed), 1,
+                               settings.batch)
 
 
 def _start_processes(device=None):
@@ -215,6 +265,15 @@ def _any_process(flag: bool, world: int, device) -> bool:
     t = torch.tensor(float(flag), device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _from_rank_0(value, world: int):
+    """Rank 0's ``value`` (a small picklable object) on every process."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _mean_over_processes(loss, world) -> float:
@@ -305,7 +364,8 @@ def main(argv=None) -> int:
               f"--resume --out {args.out}", file=sys.stderr)
         return 128 + int(result.signal)  # 130 for Ctrl-C, 143 for SIGTERM, as minisparse train
     if result.stopped is not None:
-        cli._error(result.stopped)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stopped for rank 0's reason
+            cli._error(result.stopped)
         return 1
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result.step} steps, val loss {result.final_val_loss:.4f}, "
