@@ -415,3 +415,70 @@ def test_boundary_flips_in_any_pattern_are_legal_in_a_layer():
                 rescale="none", bits=1.58, ste=False, block=None)
     problem, *_, flips = run_case("sparse_linear", layer, case)
     assert problem is None and flips == some.sum()
+
+
+# γ = 1.8070048 in float32: γ/2 · (127 / γ) = 63.500004 (code 64) but γ/2 · (127 · (1 / γ)) =
+# 63.499996 (code 63), PyTorch's spelling; γ = 1.6342225: both give 63.500004 (code 64)
+FLIPS, STAYS = np.float32(1.8070048), np.float32(1.6342225)
+
+
+def reciprocal_linear(x, w, grad_y, **params):
+    """SPEC 5 with PyTorch's 127 · (1 / γ) (legal, SPEC 3): γ/2 entries of a FLIPS row flip."""
+    from mutants import linear
+
+    def reciprocal_absmax(a):
+        s = 127 * (1 / np.maximum(np.abs(a).max(axis=-1, keepdims=True), a.dtype.type(1e-5)))
+        return np.clip(np.rint(a * s), -128, 127).astype(np.int8), s
+
+    return linear(x, w, grad_y, quant=reciprocal_absmax, **params)
+
+
+@pytest.mark.parametrize("rows, w, params", [
+    # K = 1 keeps γ, whose weight code is 0: y and dX are blind; the flips change r = ||A(x)||
+    # / ||A(x) ⊙ M||, which only dW = g^T z sees
+    ([[1, 0.5, 0.5, -0.5]], [[0, 1, 1, 1]], dict(k=1, rescale="l2", ste=False)),
+    # the flipped γ/2 code (63) ties with the 63 before it, which the mask now keeps (K = 2)
+    ([[1, 63 / 127, 0.5, 0]], [[1, 0, 0, 0]], dict(k=2, rescale="none", ste=True)),
+], ids=["flips-move-r", "flip-moves-the-top-k-tie"])
+def test_flips_that_move_the_mask_or_r_are_followed(rows, w, params):
+    # SPEC 3/10: where codes flip, the mask and the product are the reference's on the
+    # implementation's own codes; one row flips, the other (same pattern) does not
+    x = np.array([np.multiply(rows[0], FLIPS), np.multiply(rows[0], STAYS)], np.float32)
+    case = dict(x=x, w=np.array(w, np.float32), grad_y=np.ones((2, 1), np.float32),
+                bits=1.58, block=None, **params)
+    from mutants import c_sparse_linear
+
+    assert run_case("sparse_linear", c_sparse_linear, case)[0] is None  # the reference's codes
+    assert not np.array_equal(reciprocal_linear(**case)[2], c_sparse_linear(**case)[2])
+    problem, *_, flips = run_case("sparse_linear", reciprocal_linear, case)
+    assert problem is None and flips == (3 if params["k"] == 1 else 1)
+
+
+def split_sum_ffn(h, up, gate, down, *, act, k, rescale, bits):
+    """A correct FFN whose projections sum D_in in two halves (another order than BLAS)."""
+    from mutants import absmax, absmean, l2_factor, stable_mask
+
+    def proj(x, w):
+        a = np.divide(*absmax(x)) if bits else x
+        if k is not None:
+            mask = stable_mask(a, k)
+            a = np.where(mask, a, 0) * (l2_factor(a, mask) if rescale == "l2" else 1)
+        w_hat = np.divide(*absmean(w)) if bits else w
+        n = a.shape[-1] // 2 + 1
+        return a[..., n:] @ w_hat[:, n:].T + a[..., :n] @ w_hat[:, :n].T
+
+    g = proj(h, gate)
+    act_g = np.maximum(g, 0) ** 2 if act == "relu2" else g * 0.5 * (1 + np.tanh(0.5 * g))
+    return proj(proj(h, up) * act_g, down)
+
+
+def test_ffn_hidden_codes_are_searched_per_token():
+    # SPEC 10: the down projection's codes are those of the implementation's own hidden f,
+    # which the harness cannot see; the search recomputes f token by token (tests/data/README)
+    from mutants import c_ffn, m_ffn_relu
+
+    case = load_case(Path(__file__).parent / "data" / "ffn_hidden_flip.npz")
+    for fn in (split_sum_ffn, c_ffn, lambda h, *w, **kw: np.concatenate(
+            [c_ffn(h[i:i + 1], *w, **kw) for i in range(len(h))])):  # token by token
+        assert run_case("ffn", fn, case)[0] is None
+    assert run_case("ffn", m_ffn_relu, {**case, "act": "relu2"})[0] is not None
