@@ -30,6 +30,7 @@ LADDER = tuple(sorted({n for p in range(13) for n in (2**p - 1, 2**p, 2**p + 1)}
 BUDGET = 1 << 14  # entries per drawn array: a big axis goes with small others
 ROW_KINDS = ("normal", "ties", "code_ties", "half", "gamma_half", "zeros", "equal")
 MAGNITUDE_MODES = ("one", "mixed", "tiny", "huge")
+WEIGHT_KINDS = ("normal", "half", "ties", "tiny")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -159,8 +160,9 @@ def arrays(draw, ctl, shape, dtype, kinds=ROW_KINDS, magnitudes=MAGNITUDE_MODES)
 
 
 def weights_of(rng, shape, kind, dtype):
-    """A weight matrix [D_out, D_in]: normal, ties, or SPEC 4's exact half case (mean|W| = α a
-    power of two and entries at ±α/2, which round to 0 half to even)."""
+    """A weight matrix [D_out, D_in]: normal, ties, tiny (mean|W| below SPEC 4's 1e-5 floor,
+    where the floor sets the scale), or SPEC 4's exact half case (mean|W| = α a power of two and
+    entries at ±α/2, which round to 0 half to even)."""
     if kind == "half":  # pairs (0.5, 1.5) have mean 1: mean|W| = 1 exactly, scaled by 2^j
         flat = np.resize([0.5, 1.5], int(np.prod(shape)))
         if flat.size % 2:
@@ -169,12 +171,14 @@ def weights_of(rng, shape, kind, dtype):
         return (w.reshape(shape) * 2.0 ** rng.integers(-8, 8)).astype(dtype)
     if kind == "ties":
         return rng.choice([0.0, 0.25, -0.25, 1.0, -1.0], shape).astype(dtype)
+    if kind == "tiny":
+        return (rng.standard_normal(shape) * _scales(rng, (), dtype, "tiny", False)).astype(dtype)
     return (rng.standard_normal(shape) * 2.0 ** rng.uniform(-12, 12)).astype(dtype)
 
 
 @st.composite
 def weights(draw, ctl, shape, dtype):
-    kind = draw(ctl.param("w_kind", st.sampled_from(("normal", "half", "ties"))))
+    kind = draw(ctl.param("w_kind", st.sampled_from(WEIGHT_KINDS)))
     return weights_of(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), shape, kind, dtype)
 
 
