@@ -344,28 +344,42 @@ def test_half_precision_kernels(dtype):
 
 
 @needs_torch
-def test_the_readme_walkthrough_works_as_written(tmp_path, capsys):
-    # "Check your kernel in five minutes": the module file and the command, copied from the
-    # README; then the one-line bug the README describes is caught and shrunk
+def test_the_readme_walkthrough_works_as_written(tmp_path, capsys, monkeypatch):
+    # "Check your kernel in five minutes": the module file and the commands, copied from the
+    # README and run as written in a fresh directory; then the one-line bug the README
+    # describes is caught and shrunk, and the saved script reruns it from anywhere
+    import subprocess
+    import sys
+
     from minisparse.cli import main
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("### Check your kernel in five minutes"):]
+    section = section[:section.index("\n### ", 10)]
     code = section[section.index("```python\n") + 10:section.index("```\n", section.index(
         "```python\n"))]
-    command = section.split("```\n")[2].strip()  # the block after the module file
+    blocks = section.split("```\n")
+    command = blocks[2].strip()  # the block after the module file
     assert command == "minisparse check bitlinear.py:BitLinear --op bitlinear"
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "bitlinear.py").write_text(code)
-    target = f"{tmp_path / 'bitlinear.py'}:BitLinear"
-    assert main(["check", target, "--op", "bitlinear"]) == 0
+    assert main(command.split()[1:]) == 0
     out = capsys.readouterr().out
     assert out.startswith("minisparse check bitlinear: OK") and out.split(";")[0] in section
     (tmp_path / "bitlinear.py").write_text(code.replace(
         "x.abs().amax(dim=-1, keepdim=True)", "x.abs().amax()"))
-    assert main(["check", target, "--op", "bitlinear", "--save", str(tmp_path / "f")]) == 1
+    save = next(b.strip() for b in blocks if b.strip().startswith("minisparse check") and
+                "--save" in b)
+    assert main(save.split()[1:]) == 1
     out = capsys.readouterr().out
     assert "failing input (the smallest found)" in out and "largest error" in out
-    assert (tmp_path / "f" / "bitlinear-failure.py").exists()
+    assert out.split("\n")[0].split(" (seed")[0] in section  # "FAILED after N cases", as shown
+    rerun = next(b.strip() for b in blocks if b.strip().startswith("python "))
+    (tmp_path / "elsewhere").mkdir()
+    run = subprocess.run([sys.executable, str(tmp_path / rerun.split()[1])], cwd=tmp_path /
+                         "elsewhere", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "entries differ" in run.stdout and "difference:" in run.stdout
 
 
 def test_cli_check_controls(tmp_path, capsys):

@@ -1082,11 +1082,17 @@ def save_failure(report, out_dir, target, device="cpu"):
     params = {k: v for k, v in report.case.items() if not isinstance(v, np.ndarray)}
     np.savez(npz, op=np.array(report.op), params=np.array(json.dumps(params)),
              dtypes=np.array(json.dumps(dtypes)), **arrays)
+    module, _, attr = target.rpartition(":")
+    if module.endswith(".py"):  # the script runs from anywhere: absolute paths
+        target = f"{Path(module).resolve()}:{attr}"
     script.write_text(
         f'"""Rerun the failing case minisparse check {report.op} found (seed {report.seed}).\n\n'
         f"{report.problem}\n"
-        f'"""\nfrom minisparse.oracle.harness import load_case, load_function, run_case\n\n'
-        f'case = load_case({str(npz)!r})\nfn = load_function({target!r})\n'
+        f'"""\nimport sys\nfrom pathlib import Path\n\n'
+        f"from minisparse.oracle.harness import load_case, load_function, run_case\n\n"
+        f"sys.path.insert(0, {str(Path.cwd())!r})  # where check ran: its modules import\n"
+        f"case = load_case(Path(__file__).with_name({npz.name!r}))\n"
+        f"fn = load_function({target!r})\n"
         f'problem, mismatch, expected, got, flips = run_case({report.op!r}, fn, case, '
         f'device={device!r})\n'
         f'print("input:", {{k: getattr(v, "shape", v) for k, v in case.items()}})\n'
