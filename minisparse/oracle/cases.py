@@ -9,10 +9,13 @@ entry -- so hypothesis shrinks a failure to seed 0 at the smallest failing size:
   one axis may be big while the others stay small, so a case stays cheap (``BUDGET`` entries).
 - **Kinds** of rows (``ROW_KINDS``): random normals; few values with many sign-blind ties;
   *code ties* (distinct floats that quantize to the same int8 code, so a top-K mask taken
-  before quantization keeps a different entry than one taken on A(X)); SPEC 3's exact half
-  steps (row max 127 · 2^j, entries (n + ½) · 2^j: every implementation must round half to
-  even); entries at exactly γ/2 for a non-power-of-two γ (legitimate boundary flips); rows
-  that are mostly exact zeros; rows of one magnitude.
+  before quantization keeps a different entry than one taken on A(X)); half steps (row max
+  127 · 2^j, entries (n + ½) · 2^j: x·s is exactly n + ½ with 127 / γ, rounded half to even,
+  but γ is no power of two, so 127 · (1 / γ) may round a whole row's halves the other way:
+  boundary flips, SPEC 3);
+  entries at exactly γ/2 for a non-power-of-two γ (legitimate boundary flips); rows that are
+  mostly exact zeros; rows of one magnitude. (SPEC 4's exact halves, which must round half to
+  even, are the weights' "half" kind: mean|W| a power of two.)
 - **Magnitudes** per row: 1, tiny (below SPEC 3-4's 1e-5 floor), huge (squares overflow),
   or a mix of all of them in one array (per-row scales must stay per row).
 - **dtypes**: float64, float32, float16 and bfloat16 (bfloat16 through ml_dtypes or torch).
