@@ -486,6 +486,30 @@ def split_sum_ffn(h, up, gate, down, *, act, k, rescale, bits):
     return proj(proj(h, up) * act_g, down)
 
 
+def split_sum_moe(h, router, up, gate, down, *, top_experts, act, bits):
+    """SPEC 6's MoE token by token with split_sum_ffn experts."""
+    z = h @ router.T
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True)
+    y, counts = np.zeros_like(h), np.zeros(p.shape[1])
+    for i in range(h.shape[0]):
+        for e in np.argsort(-p[i], kind="stable")[:top_experts]:
+            counts[e] += 1
+            y[i] += p[i, e] * split_sum_ffn(h[i:i + 1], up[e], gate[e], down[e], act=act, k=None,
+                                            rescale="none", bits=bits)[0]
+    f = counts / h.shape[0] / top_experts
+    return y, np.asarray(p.shape[1] * np.sum(f * p.mean(axis=0)), h.dtype)
+
+
+def test_moe_codes_are_searched_per_token():
+    from mutants import c_moe, m_moe_renormalised
+
+    case = load_case(Path(__file__).parent / "data" / "moe_hidden_flip.npz")
+    for fn in (split_sum_moe, c_moe):
+        assert run_case("moe", fn, case)[0] is None
+    assert run_case("moe", m_moe_renormalised, case)[0] is not None  # top 1: gate 1, not p
+
+
 def test_ffn_hidden_codes_are_searched_per_token():
     # SPEC 10: the down projection's codes are those of the implementation's own hidden f,
     # which the harness cannot see; the search recomputes f token by token (tests/data/README)

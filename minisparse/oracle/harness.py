@@ -261,9 +261,7 @@ def _moe_case(draw, ctl):
     router = rng.standard_normal((n_experts, d))
     if draw(st.booleans()):  # equal router rows: equal p, the lower index must win
         router[1] = router[0]
-    # bits only in float64, where a random boundary flip (SPEC 3) inside an expert is negligible
-    bits = draw(ctl.param("bits", st.sampled_from([None, 1.58] if dtype == np.float64
-                                                  else [None])))
+    bits = draw(ctl.param("bits", st.sampled_from([None, 1.58])))
     return {"h": draw(C.arrays(ctl, (tokens, d), dtype, kinds=("normal", "ties"),
                                magnitudes=("one",))),
             "router": router.astype(dtype),
@@ -454,7 +452,7 @@ OPS = {
                (("ffn", dict(kind="code_ties", shape=(3, 33), hidden=17, k=5, bits=1.58)),),
                scales=_ffn_scales, search="ffn"),
     "moe": _Op(("h", "router", "up", "gate", "down"), ("y", "aux"), _moe,
-               lambda c: ("reduction", "reduction"), _moe_case),
+               lambda c: ("reduction", "reduction"), _moe_case, search="moe"),
 }
 OP_NAMES = tuple(OPS)
 
@@ -565,13 +563,18 @@ def _compare_all(op, case, result, dtype, expected=None):
     for name, got, exp, kind, scale in zip(op.outputs, result, expected, op.kinds(case),
                                            scales, strict=True):
         exp = _as_dtype(np.asarray(exp), dtype)
-        if isinstance(got, (int, float, np.integer, np.floating)) and not isinstance(got, bool):
-            got = np.asarray(got, dtype=exp.dtype)  # a Python scalar takes the op's dtype
-        mismatch, n = _compare_output(name, np.asarray(got), exp, kind, scale, case, dtype)
+        mismatch, n = _compare_output(name, _as_result(got, exp), exp, kind, scale, case, dtype)
         flips += n
         if mismatch is not None:
             return str(mismatch), mismatch, exp, np.asarray(got), flips
     return None, None, None, None, flips
+
+
+def _as_result(got, expected):
+    """fn's result as an array; a Python scalar takes the expected dtype."""
+    if isinstance(got, (int, float, np.integer, np.floating)) and not isinstance(got, bool):
+        return np.asarray(got, dtype=expected.dtype)
+    return np.asarray(got)
 
 
 def _as_dtype(a, dtype):
@@ -589,6 +592,8 @@ def _search_flips(op, case, result, dtype):
     c = _in_compute_dtype(case)
     if op.search == "ffn":
         return _search_ffn(op, case, c, result, dtype)
+    if op.search == "moe":
+        return _search_moe(case, c, result, dtype)
     x, w = c["x"], c["w"]
     bx, vx = absmax_boundaries(x, dtype)
     bw, vw = absmean_boundaries(w, dtype)
@@ -764,6 +769,59 @@ def _ffn_row_codes(c, h, got, scale, dtype):
             y = _as_dtype(_ffn_parts(row, h_codes[None], f_codes[None])[0], dtype)
             if compare("y", got, y, "reduction", scale) is None:
                 return n, f_codes
+    return None
+
+
+MAX_EXPERT_COMBINATIONS = 64  # per token and h variant: the experts' hidden-code variants
+
+
+def _search_moe(case, c, result, dtype):
+    """The MoE token by token (as the FFN: no sum runs over tokens; the routing is dense float,
+    no codes): y_i = Σ_chosen p_e GLU_e(h_i), h_i's codes shared by its experts, each expert's
+    hidden f its own. Tries h_i's variants, and for each the combinations of the experts' f
+    variants (flips counted against the token's own reference: the batched one runs each
+    expert on its routed tokens at once, and may round otherwise); aux (routing only) must
+    match as it is."""
+    from .gpt import route
+
+    y_ref, aux_ref = _moe(c)
+    got = np.asarray(result[0])
+    aux_ref = _as_dtype(np.asarray(aux_ref), dtype)
+    if got.shape != y_ref.shape or compare("aux", _as_result(result[1], aux_ref), aux_ref,
+                                           "reduction") is not None:
+        return None
+    probs, chosen = route(c["h"], c["router"], c["top_experts"])
+    scale = np.abs(y_ref)  # as the plain comparison: relative to the largest |y|
+    flips = 0
+    for i in range(got.shape[0]):
+        found = _moe_token_codes(c, c["h"][i:i + 1], probs[i], np.flatnonzero(chosen[i]),
+                                 got[i:i + 1], scale, dtype)
+        if found is None:
+            return None
+        flips += found
+    return flips, None
+
+
+def _moe_token_codes(c, h, p, experts, got, scale, dtype):
+    """Flips (counted against this token's own reference) that make y_i fn's, or None."""
+    glu = {"k": None, "rescale": "none", "bits": c["bits"], "act": c["act"]}
+    qh, _ = absmax_quantize(h)
+    bh, vh = absmax_boundaries(h, dtype)
+    for h_codes, n in row_variants(qh[0], bh[0], vh[0], -128, 127):
+        per_expert = []
+        for e in experts:
+            ex = {**glu, "h": h, "up": c["up"][e], "gate": c["gate"][e], "down": c["down"][e]}
+            _, f = _ffn_parts(ex, h_codes[None])
+            qf, _ = absmax_quantize(f)
+            bf, vf = absmax_boundaries(f, dtype)
+            per_expert.append([(p[e] * _ffn_parts(ex, h_codes[None], codes[None])[0],
+                                int((codes != qf[0]).sum()))
+                               for codes, _ in itertools.islice(
+                                   row_variants(qf[0], bf[0], vf[0], -128, 127), 8)])
+        for combo in itertools.islice(itertools.product(*per_expert), MAX_EXPERT_COMBINATIONS):
+            y = _as_dtype(sum((part for part, _ in combo), np.zeros_like(h)), dtype)
+            if compare("y", got, y, "reduction", scale) is None:
+                return n + sum(m for _, m in combo)
     return None
 
 
