@@ -662,7 +662,8 @@ def _row_options(fwd, c, i, row_got, scales, w_codes, dtype, row):
 
 def _choose_by_grad_w(c, got, options, w_codes):
     """One code row per row from ``options`` so that dW = Σ_i g_i^T z_i comes closest to fn's
-    (least squares, row by row until no change helps): the rows' z enter dW only as a sum."""
+    (least squares): the rows' z enter dW only as a sum. Moves one row's choice at a time, or
+    two rows' at once where no single move helps (flips in two rows can cancel in dW)."""
     d_out, d_in = c["w"].shape
     g = c["grad_y"].reshape(-1, d_out).astype(np.float64)
     x = c["x"].reshape(-1, d_in)
@@ -670,22 +671,27 @@ def _choose_by_grad_w(c, got, options, w_codes):
                        **_linear_kwargs(c))[0][0].astype(np.float64) for o in opts]
          for i, opts in enumerate(options)]
     pick = [0] * len(options)
-    err = got.astype(np.float64) - g.T @ np.stack([z[i][0] for i in range(len(options))])
-    for _ in range(4):
-        changed = False
-        for i, zs in enumerate(z):
-            if len(zs) < 2:
-                continue
-            # ||err - g_i dz^T||^2 = ||err||^2 - (2 eg.dz - gg dz.dz): keep the largest gain
-            eg, gg = g[i] @ err, g[i] @ g[i]
-            dz = [zj - zs[pick[i]] for zj in zs]
-            gain = [2 * eg @ d - gg * (d @ d) for d in dz]
-            best = int(np.argmax(gain))
-            if gain[best] > 0:
-                err -= np.outer(g[i], dz[best])
-                pick[i], changed = best, True
-        if not changed:
+    err = got.astype(np.float64) - g.T @ np.stack([zs[0] for zs in z])
+    moves = [(i, o) for i, zs in enumerate(z) for o in range(1, len(zs))]
+    for _ in range(2 * len(z) + 4):
+        if not moves:
             break
+        rows = np.array([i for i, _ in moves])
+        dz = np.stack([z[i][o] - z[i][pick[i]] for i, o in moves])
+        # ||err - g_i dz^T||^2 = ||err||^2 - gain, gain = 2 (g_i^T err) . dz - |g_i|^2 |dz|^2
+        gain = 2 * ((g[rows] @ err) * dz).sum(1) - (g[rows] ** 2).sum(1) * (dz * dz).sum(1)
+        chosen = [int(np.argmax(gain))]
+        if gain[chosen[0]] <= 0:  # a pair: gain_a + gain_b - 2 (g_a . g_b)(dz_a . dz_b)
+            pair = gain[:, None] + gain[None, :] - 2 * (g[rows] @ g[rows].T) * (dz @ dz.T)
+            pair[rows[:, None] == rows[None, :]] = -np.inf
+            chosen = list(np.unravel_index(int(np.argmax(pair)), pair.shape))
+            if pair[chosen[0], chosen[1]] <= 0:
+                break
+        for m in chosen:
+            i, o = moves[m]
+            err -= np.outer(g[i], dz[m])
+            pick[i] = o
+        moves = [(i, o) for i, zs in enumerate(z) for o in range(len(zs)) if o != pick[i]]
     return np.stack([opts[p] for opts, p in zip(options, pick, strict=True)])
 
 
