@@ -142,11 +142,12 @@ def c_ffn(h, up, gate, down, *, act, k, rescale, bits):
 
 
 def moe(h, router, up, gate, down, *, top_experts, act, bits, renormalise=False, ties="low",
-        f_divisor=True):
+        f_divisor=True, router_dtype=None):
     """SPEC 6's mixture of experts, token by token, with switches for the mutants."""
-    z = h @ router.T
+    rd = router_dtype or h.dtype
+    z = h.astype(rd) @ router.astype(rd).T
     p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p = p / p.sum(axis=-1, keepdims=True)
+    p = (p / p.sum(axis=-1, keepdims=True)).astype(h.dtype)
     n, n_experts = p.shape
     y = np.zeros_like(h)
     counts = np.zeros(n_experts)
@@ -412,6 +413,78 @@ def m_moe_f_not_divided(h, router, up, gate, down, *, top_experts, act, bits):
                f_divisor=False)
 
 
+
+# Held-back classes (issue 13, second round): bugs of kinds the list above does not have.
+
+
+def m_topk_batch_threshold(x, k):
+    """One top-(K·rows) over the whole batch instead of K per row."""
+    flat = x.reshape(1, -1)
+    return c_topk(flat, k * (x.size // max(x.shape[-1], 1))).reshape(x.shape)
+
+
+def m_blocks_offset(x, n, m):
+    """N:M blocks start one feature late (wrapping round): misaligned with the rows."""
+    return np.roll(c_block_topk(np.roll(x, -1, axis=-1), n, m), 1, axis=-1)
+
+
+def m_r_l1(x, grad_y, *, k=None, block=None, rescale, ste):
+    """r = ||X||₁ / ||X ⊙ M||₁: the L1 norm instead of the L2 norm."""
+    mask = stable_mask(x, k) if block is None else block_mask(x, *block)
+    r = np.ones((*x.shape[:-1], 1), x.dtype)
+    if rescale == "l2":
+        a = np.abs(x).sum(-1, keepdims=True)
+        r = a / np.maximum(np.where(mask, np.abs(x), 0).sum(-1, keepdims=True), 1e-12)
+    return np.where(mask, x, 0) * r, grad_y * r if ste else np.where(mask, grad_y * r, 0)
+
+
+def m_gamma_first_tile(x):
+    """Tile-edge bug: γ is the max over the first 64 features only when D > 64."""
+    gamma = np.abs(x[..., :64]).max(axis=-1, keepdims=True)
+    s = 127 / np.maximum(gamma, x.dtype.type(1e-5))
+    return np.clip(np.rint(x * s), -128, 127).astype(np.int8), s
+
+
+def m_ternary_floor_1e6(w):
+    """Ternary scale floor 1e-6 instead of 1e-5: wrong for matrices with mean|W| < 1e-5."""
+    s = 1 / np.maximum(np.abs(w).mean(), w.dtype.type(1e-6))
+    return np.clip(np.rint(w * s), -1, 1).astype(np.int8), s
+
+
+def m_r_before_quant(x, w, grad_y, *, k, rescale, bits, ste, block=None):
+    """The l2 factor r from X instead of A(X), the values the mask keeps."""
+    y, gx, gw = linear(x, w, grad_y, k=k, rescale="none", bits=bits, ste=ste, block=block)
+    if rescale == "none" or (k is None and block is None):
+        return y, gx, gw
+    mask = stable_mask(x, k) if block is None else block_mask(x, *block)
+    r = l2_factor(x, mask)
+    return y * r, gx * r, linear(x, w, grad_y * r, k=k, rescale="none", bits=bits, ste=ste,
+                                 block=block)[2]
+
+
+def m_bitlinear_square_transposed(x, w):
+    """Reads W as [D_in, D_out] (x @ W) where that fits, i.e. for square W."""
+    if w.shape[0] != w.shape[1]:
+        return c_bitlinear(x, w)
+    return c_bitlinear(x, np.ascontiguousarray(w.T))
+
+
+def m_k_ceil_epsilon(d, sparsity):
+    """ceil((1 - S) d - 1e-9): an epsilon against 3.0000000000000004 (SPEC: ceil as computed)."""
+    return max(1, math.ceil((1.0 - sparsity) * d - 1e-9))
+
+
+def m_ffn_up_gate_swapped(h, up, gate, down, *, act, k, rescale, bits):
+    """GLU with the roles of up and gate exchanged: gate(h) * act(up(h))."""
+    return _glu(h, gate, up, down, act, k, rescale, bits)
+
+
+def m_moe_router_float16(h, router, up, gate, down, *, top_experts, act, bits):
+    """Router logits and softmax in float16."""
+    return moe(h, router, up, gate, down, top_experts=top_experts, act=act, bits=bits,
+               router_dtype=np.float16)
+
+
 NUMPY_MUTANTS = [
     ("topk", m_ge_kth), ("topk", m_argpartition), ("topk", m_ties_past_32), ("topk", m_by_value),
     ("topk", m_k_minus_one_past_128), ("block_topk", m_strided_blocks),
@@ -427,6 +500,10 @@ NUMPY_MUTANTS = [
     ("threshold", m_threshold_ge), ("absmax_fake", m_fake_quant_times_scale),
     ("absmean_fake", m_fake_ternary_no_clip), ("ffn", m_ffn_relu),
     ("moe", m_moe_renormalised), ("moe", m_moe_high_index_ties), ("moe", m_moe_f_not_divided),
+    ("topk", m_topk_batch_threshold), ("block_topk", m_blocks_offset), ("sparsify", m_r_l1),
+    ("absmax", m_gamma_first_tile), ("absmean", m_ternary_floor_1e6),
+    ("sparse_linear", m_r_before_quant), ("bitlinear", m_bitlinear_square_transposed),
+    ("k_for", m_k_ceil_epsilon), ("ffn", m_ffn_up_gate_swapped), ("moe", m_moe_router_float16),
 ]
 
 

@@ -42,17 +42,8 @@ def test_torch_mutant_is_caught(i):
     assert not report.passed, f"{fn.__doc__}\n{report}"
 
 
-# Known harness limit: the torch sparse_linear control (index 4) passes alone, but after other
-# tests have run torch rounds many γ/2 entries of a row the other way, some of them at the top-K
-# tie (k ~ D/2); the flip search does not yet follow a flip that moves the mask.
-KNOWN_LIMIT = pytest.mark.xfail(strict=False, reason="flips that move a top-K tie inside "
-                                "sparse_linear are not searched yet (issue 13 report)")
-
-
 @needs_torch
-@pytest.mark.parametrize("i", [pytest.param(i, marks=KNOWN_LIMIT)
-                               if TORCH_CONTROLS[i][0] == "sparse_linear" else i
-                               for i in range(len(TORCH_CONTROLS))])
+@pytest.mark.parametrize("i", range(len(TORCH_CONTROLS)))
 def test_torch_control_passes(i):
     op, fn = TORCH_CONTROLS[i]
     report = check(op, fn)

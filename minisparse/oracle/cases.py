@@ -9,10 +9,13 @@ entry -- so hypothesis shrinks a failure to seed 0 at the smallest failing size:
   one axis may be big while the others stay small, so a case stays cheap (``BUDGET`` entries).
 - **Kinds** of rows (``ROW_KINDS``): random normals; few values with many sign-blind ties;
   *code ties* (distinct floats that quantize to the same int8 code, so a top-K mask taken
-  before quantization keeps a different entry than one taken on A(X)); SPEC 3's exact half
-  steps (row max 127 · 2^j, entries (n + ½) · 2^j: every implementation must round half to
-  even); entries at exactly γ/2 for a non-power-of-two γ (legitimate boundary flips); rows
-  that are mostly exact zeros; rows of one magnitude.
+  before quantization keeps a different entry than one taken on A(X)); half steps (row max
+  127 · 2^j, entries (n + ½) · 2^j: x·s is exactly n + ½ with 127 / γ, rounded half to even,
+  but γ is no power of two, so 127 · (1 / γ) may round a whole row's halves the other way:
+  boundary flips, SPEC 3);
+  entries at exactly γ/2 for a non-power-of-two γ (legitimate boundary flips); rows that are
+  mostly exact zeros; rows of one magnitude. (SPEC 4's exact halves, which must round half to
+  even, are the weights' "half" kind: mean|W| a power of two.)
 - **Magnitudes** per row: 1, tiny (below SPEC 3-4's 1e-5 floor), huge (squares overflow),
   or a mix of all of them in one array (per-row scales must stay per row).
 - **dtypes**: float64, float32, float16 and bfloat16 (bfloat16 through ml_dtypes or torch).
@@ -30,6 +33,7 @@ LADDER = tuple(sorted({n for p in range(13) for n in (2**p - 1, 2**p, 2**p + 1)}
 BUDGET = 1 << 14  # entries per drawn array: a big axis goes with small others
 ROW_KINDS = ("normal", "ties", "code_ties", "half", "gamma_half", "zeros", "equal")
 MAGNITUDE_MODES = ("one", "mixed", "tiny", "huge")
+WEIGHT_KINDS = ("normal", "half", "ties", "tiny")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -159,8 +163,9 @@ def arrays(draw, ctl, shape, dtype, kinds=ROW_KINDS, magnitudes=MAGNITUDE_MODES)
 
 
 def weights_of(rng, shape, kind, dtype):
-    """A weight matrix [D_out, D_in]: normal, ties, or SPEC 4's exact half case (mean|W| = α a
-    power of two and entries at ±α/2, which round to 0 half to even)."""
+    """A weight matrix [D_out, D_in]: normal, ties, tiny (mean|W| below SPEC 4's 1e-5 floor,
+    where the floor sets the scale), or SPEC 4's exact half case (mean|W| = α a power of two and
+    entries at ±α/2, which round to 0 half to even)."""
     if kind == "half":  # pairs (0.5, 1.5) have mean 1: mean|W| = 1 exactly, scaled by 2^j
         flat = np.resize([0.5, 1.5], int(np.prod(shape)))
         if flat.size % 2:
@@ -169,12 +174,14 @@ def weights_of(rng, shape, kind, dtype):
         return (w.reshape(shape) * 2.0 ** rng.integers(-8, 8)).astype(dtype)
     if kind == "ties":
         return rng.choice([0.0, 0.25, -0.25, 1.0, -1.0], shape).astype(dtype)
+    if kind == "tiny":
+        return (rng.standard_normal(shape) * _scales(rng, (), dtype, "tiny", False)).astype(dtype)
     return (rng.standard_normal(shape) * 2.0 ** rng.uniform(-12, 12)).astype(dtype)
 
 
 @st.composite
 def weights(draw, ctl, shape, dtype):
-    kind = draw(ctl.param("w_kind", st.sampled_from(("normal", "half", "ties"))))
+    kind = draw(ctl.param("w_kind", st.sampled_from(WEIGHT_KINDS)))
     return weights_of(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), shape, kind, dtype)
 
 

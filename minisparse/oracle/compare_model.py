@@ -134,7 +134,7 @@ def _explain_by_flips(x, w, y, scale, kwargs):
     flips = 0
     for i in range(rows.shape[0]):
         codes = absmax_quantize(rows[i:i + 1])[0][0]
-        for variant, n in row_variants(codes, boundary[i], v[i], -128, 127, rows.dtype):
+        for variant, n in row_variants(codes, boundary[i], v[i], -128, 127):
             z, _, _, w_hat = linear_parts("compare_model", rows[i:i + 1], w,
                                           x_codes=variant[None], **kwargs)
             if compare("y", got[i:i + 1], z @ w_hat.T, "reduction", scale[i:i + 1]) is None:

@@ -16,7 +16,8 @@ from ..quant import absmax_quantize, absmean_ternarize
 from .cases import finfo
 
 WINDOW_ULPS = 8
-MAX_FLIPS_SEARCHED = 6  # per row: 2^6 code variants at most
+MAX_FLIPS_SEARCHED = 6  # per row: 2^6 subsets of independent flips at most
+MAX_SCALE_VARIANTS = 64  # per row: roundings of another evaluation of the scale
 
 
 def _ulp(v, dtype):
@@ -66,21 +67,31 @@ def legal_codes(got, expected, boundary, v, low, high):
     return (got != expected) & ~flip, int(flip.sum())
 
 
-def row_variants(codes, boundary, v, low, high, dtype):
-    """For one row: code arrays reachable by boundary flips (the reference's first), with the
-    number of flips each makes. First those of another evaluation of the same scale (v·(1 + j
-    eps), |j| <= 8: every entry near a half moves the same way), then every subset of the first
-    MAX_FLIPS_SEARCHED boundary entries."""
+def row_variants(codes, boundary, v, low, high):
+    """For one row (or one matrix: SPEC 4 has one scale): code arrays reachable by boundary
+    flips (the reference's first), with the number of flips each makes. First every rounding
+    of another evaluation of the scale, s·(1 + t) for small t (the boundary entries whose |v|
+    lies between |v|/(1 + t) and the half flip together: one variant per gap between their
+    relative distances to the half, nearest t first), then every subset of the first
+    MAX_FLIPS_SEARCHED boundary entries (flips of independent upstream roundings)."""
     yield codes, 0
     seen = {codes.tobytes()}
-    eps = float(finfo(dtype).eps)
-    for j in (1, -1, 2, -2, 4, -4, 8, -8):
-        variant = np.where(boundary, np.clip(np.rint(v * (1 + j * eps)), low, high),
-                           codes).astype(codes.dtype)
+    where = np.flatnonzero(boundary)
+    if where.size == 0:
+        return
+    a = np.abs(v[where]).astype(np.float64)
+    sign, base = np.sign(v[where]), np.floor(a)
+    rel = (base + 0.5 - a) / a  # |v|·(1 + t) crosses its half exactly when t > rel
+    cuts = np.unique(rel)
+    ts = np.concatenate([[cuts[0] - abs(cuts[0]) - 1e-300], (cuts[:-1] + cuts[1:]) / 2,
+                         [cuts[-1] + abs(cuts[-1]) + 1e-300]])
+    for t in sorted(ts, key=abs)[:MAX_SCALE_VARIANTS]:
+        variant = codes.copy()
+        variant[where] = np.clip(sign * (base + (t > rel)), low, high)
         if variant.tobytes() not in seen:
             seen.add(variant.tobytes())
             yield variant, int((variant != codes).sum())
-    where = np.flatnonzero(boundary)[:MAX_FLIPS_SEARCHED]
+    where = where[:MAX_FLIPS_SEARCHED]
     other = np.clip(np.where(codes[where] == np.clip(np.floor(v[where]), low, high),
                              np.floor(v[where]) + 1, np.floor(v[where])), low, high)
     for n in range(1, len(where) + 1):
@@ -88,4 +99,5 @@ def row_variants(codes, boundary, v, low, high, dtype):
             variant = codes.copy()
             variant[where[list(chosen)]] = other[list(chosen)]
             if variant.tobytes() not in seen:
+                seen.add(variant.tobytes())
                 yield variant, n

@@ -102,9 +102,11 @@ def _k_for_case(draw, ctl):
     # round widths (d = 10, 768, ...) and decimal ratios make (1 - S) d land near an integer,
     # where a product in another precision or order rounds to the other side of the ceiling
     d = draw(st.one_of(st.sampled_from([10, 20, 30, 100, 300, 768, 1000, 3072]), C.sizes(ctl)))
+    # S = 1 - j/d rounded: (1 - S) d lands within ulps of the integer j, on either side
     s = draw(ctl.param("sparsity", st.one_of(
         st.sampled_from([0.0, 0.5, 0.7, 0.9, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 0.75, 0.99,
                          1 - 2**-20]),
+        st.integers(1, d).map(lambda j: 1 - j / d).filter(lambda s: 0 <= s < 1),
         st.floats(0, 1, exclude_max=True))))
     return {"d": d, "sparsity": s}
 
@@ -259,9 +261,7 @@ def _moe_case(draw, ctl):
     router = rng.standard_normal((n_experts, d))
     if draw(st.booleans()):  # equal router rows: equal p, the lower index must win
         router[1] = router[0]
-    # bits only in float64, where a random boundary flip (SPEC 3) inside an expert is negligible
-    bits = draw(ctl.param("bits", st.sampled_from([None, 1.58] if dtype == np.float64
-                                                  else [None])))
+    bits = draw(ctl.param("bits", st.sampled_from([None, 1.58])))
     return {"h": draw(C.arrays(ctl, (tokens, d), dtype, kinds=("normal", "ties"),
                                magnitudes=("one",))),
             "router": router.astype(dtype),
@@ -452,7 +452,7 @@ OPS = {
                (("ffn", dict(kind="code_ties", shape=(3, 33), hidden=17, k=5, bits=1.58)),),
                scales=_ffn_scales, search="ffn"),
     "moe": _Op(("h", "router", "up", "gate", "down"), ("y", "aux"), _moe,
-               lambda c: ("reduction", "reduction"), _moe_case),
+               lambda c: ("reduction", "reduction"), _moe_case, search="moe"),
 }
 OP_NAMES = tuple(OPS)
 
@@ -563,13 +563,18 @@ def _compare_all(op, case, result, dtype, expected=None):
     for name, got, exp, kind, scale in zip(op.outputs, result, expected, op.kinds(case),
                                            scales, strict=True):
         exp = _as_dtype(np.asarray(exp), dtype)
-        if isinstance(got, (int, float, np.integer, np.floating)) and not isinstance(got, bool):
-            got = np.asarray(got, dtype=exp.dtype)  # a Python scalar takes the op's dtype
-        mismatch, n = _compare_output(name, np.asarray(got), exp, kind, scale, case, dtype)
+        mismatch, n = _compare_output(name, _as_result(got, exp), exp, kind, scale, case, dtype)
         flips += n
         if mismatch is not None:
             return str(mismatch), mismatch, exp, np.asarray(got), flips
     return None, None, None, None, flips
+
+
+def _as_result(got, expected):
+    """fn's result as an array; a Python scalar takes the expected dtype."""
+    if isinstance(got, (int, float, np.integer, np.floating)) and not isinstance(got, bool):
+        return np.asarray(got, dtype=expected.dtype)
+    return np.asarray(got)
 
 
 def _as_dtype(a, dtype):
@@ -579,54 +584,118 @@ def _as_dtype(a, dtype):
 
 
 def _search_flips(op, case, result, dtype):
-    """SPEC 3/10: if fn's outputs differ only as a legitimate boundary flip of some codes would
-    make them, -> (number of flips, None); else None. Searches per row (a row's output depends
-    on its own codes) and over the weight codes' flips, then checks every output."""
+    """SPEC 3/10: if fn's outputs are the reference applied to legitimately flipped codes (the
+    mask, r and the product recomputed on them: one flip can move a top-K tie or the l2 norm),
+    -> (number of flips, None); else None. Each row's outputs (y, dX) depend on its own codes
+    only: every row keeps the flip variants its own outputs allow; dW = Σ_i g_i^T z_i then picks
+    one per row. Weight-code flips (one scale per matrix) are tried first, as a whole."""
     c = _in_compute_dtype(case)
     if op.search == "ffn":
         return _search_ffn(op, case, c, result, dtype)
+    if op.search == "moe":
+        return _search_moe(case, c, result, dtype)
     x, w = c["x"], c["w"]
     bx, vx = absmax_boundaries(x, dtype)
     bw, vw = absmean_boundaries(w, dtype)
-    if not (bx.any() or bw.any()):  # no code near a rounding boundary: nothing to search
-        return None
+    expected = op.reference(c)
+    if not (bx.any() or bw.any()) or any(np.shape(got) != np.shape(exp)
+                                         for got, exp in zip(result, expected, strict=True)):
+        return None  # no code near a rounding boundary (or a wrong shape): nothing to search
     qx, _ = absmax_quantize(x)
     qw, _ = absmean_ternarize(w)
     fwd = _bitlinear if op.outputs == ("y",) else _linear
-    scale = op.scales(c)[0] if op.scales else None
-    got_y = np.asarray(result[0]).reshape(-1, w.shape[0])
-    rows = x.reshape(-1, x.shape[-1])
-    for w_codes, w_flips in row_variants(qw.ravel(), bw.ravel(), vw.ravel(), -1, 1, dtype):
+    scales = op.scales(c)
+    for w_codes, w_flips in row_variants(qw.ravel(), bw.ravel(), vw.ravel(), -1, 1):
         w_codes = w_codes.reshape(w.shape)
-        chosen, flips = qx.reshape(rows.shape).copy(), w_flips
-        for i in range(rows.shape[0]):
-            row_case = {**c, "x": rows[i:i + 1], "grad_y": np.zeros((1, w.shape[0]), x.dtype)}
-            for codes, n in row_variants(chosen[i], bx.reshape(rows.shape)[i],
-                                         vx.reshape(rows.shape)[i], -128, 127, dtype):
-                y = _as_dtype(fwd(row_case, codes[None], w_codes)[0], dtype)
-                if compare("y", got_y[i:i + 1], y, "reduction", scale) is None:
-                    chosen[i], flips = codes, flips + n
-                    break
-            else:
-                break
-        else:
-            if flips == 0 and len(op.outputs) == 1:
-                return None  # no flips explain it: the plain comparison's mismatch stands
-            # y fixes each row's codes only up to flips that leave y alone; the gradients see
-            # them all: try the per-row choice, then the batch-wide flips of one other
-            # evaluation (every boundary entry moved the same way)
-            candidates = [chosen, *_batch_variants(qx, bx, vx, dtype)]
-            if len(result) == 3:
-                candidates.append(_codes_from_grad_w(op, c, result, chosen, bx, vx, w_codes))
-            for codes in candidates:
-                codes = codes.reshape(x.shape)
-                expected = fwd(c, codes, w_codes)
-                if _compare_all(op, case, result, dtype, expected)[0] is None:
-                    return int((codes != qx).sum()) + w_flips, None
+        for codes in _row_wise_codes(fwd, c, scales, result, dtype, w_codes, qx,
+                                     bx, vx):
+            codes = codes.reshape(x.shape)
+            flips = int((codes != qx).sum()) + w_flips
+            if flips and _compare_all(op, case, result, dtype, fwd(c, codes, w_codes))[0] is None:
+                return flips, None
     return None
 
 
-def _codes_from_grad_w(op, c, result, codes, boundary, v, w_codes):
+def _row_wise_codes(fwd, c, scales, result, dtype, w_codes, q, boundary, v):
+    """Candidate codes of the whole input under weight codes ``w_codes``: per row the variants
+    its own y and dX allow, combined by dW; then the batch-wide flips. Nothing if some row's
+    outputs match no variant."""
+    d_in = q.shape[-1]
+    q, boundary, v = (a.reshape(-1, d_in) for a in (q, boundary, v))
+    row_got = [np.asarray(r).reshape(q.shape[0], -1) for r in result[:2]]  # y, dX: per row
+    options = []
+    for i in range(q.shape[0]):
+        options.append(_row_options(fwd, c, i, row_got, scales, w_codes, dtype,
+                                    (q[i], boundary[i], v[i])))
+        if not options[-1]:
+            return  # no flip of this row explains its outputs
+    if len(result) < 3:
+        yield np.stack([opts[0] for opts in options])
+        return
+    chosen = _choose_by_grad_w(c, np.asarray(result[2]), options, w_codes)
+    yield chosen
+    yield from _batch_variants(q, boundary, v, dtype)  # flips outside the per-row variants
+    yield _codes_from_grad_w(c, result, chosen, boundary, v, w_codes)
+
+
+MAX_ROW_OPTIONS = 16  # flip variants kept per row for the dW choice
+
+
+def _row_options(fwd, c, i, row_got, scales, w_codes, dtype, row):
+    """Row i's code variants (at most MAX_ROW_OPTIONS, the reference's first) whose y and dX rows
+    match fn's: the reference on those codes, mask and r recomputed."""
+    codes, boundary, v = row
+    d_out = c["w"].shape[0]
+    row_case = {**c, "x": c["x"].reshape(-1, codes.size)[i:i + 1]}
+    if "grad_y" in c:
+        row_case["grad_y"] = c["grad_y"].reshape(-1, d_out)[i:i + 1]
+    options = []
+    for variant, _ in row_variants(codes, boundary, v, -128, 127):
+        expected = fwd(row_case, variant[None], w_codes)
+        if all(compare("", got[i:i + 1], _as_dtype(exp, dtype), "reduction", scale) is None
+               for got, exp, scale in zip(row_got, expected, scales, strict=False)):
+            options.append(variant)
+            if len(options) == MAX_ROW_OPTIONS:
+                break
+    return options
+
+
+def _choose_by_grad_w(c, got, options, w_codes):
+    """One code row per row from ``options`` so that dW = Σ_i g_i^T z_i comes closest to fn's
+    (least squares): the rows' z enter dW only as a sum. Moves one row's choice at a time, or
+    two rows' at once where no single move helps (flips in two rows can cancel in dW)."""
+    d_out, d_in = c["w"].shape
+    g = c["grad_y"].reshape(-1, d_out).astype(np.float64)
+    x = c["x"].reshape(-1, d_in)
+    z = [[linear_parts("check", x[i:i + 1], c["w"], x_codes=o[None], w_codes=w_codes,
+                       **_linear_kwargs(c))[0][0].astype(np.float64) for o in opts]
+         for i, opts in enumerate(options)]
+    pick = [0] * len(options)
+    err = got.astype(np.float64) - g.T @ np.stack([zs[0] for zs in z])
+    moves = [(i, o) for i, zs in enumerate(z) for o in range(1, len(zs))]
+    for _ in range(2 * len(z) + 4):
+        if not moves:
+            break
+        rows = np.array([i for i, _ in moves])
+        dz = np.stack([z[i][o] - z[i][pick[i]] for i, o in moves])
+        # ||err - g_i dz^T||^2 = ||err||^2 - gain, gain = 2 (g_i^T err) . dz - |g_i|^2 |dz|^2
+        gain = 2 * ((g[rows] @ err) * dz).sum(1) - (g[rows] ** 2).sum(1) * (dz * dz).sum(1)
+        chosen = [int(np.argmax(gain))]
+        if gain[chosen[0]] <= 0:  # a pair: gain_a + gain_b - 2 (g_a . g_b)(dz_a . dz_b)
+            pair = gain[:, None] + gain[None, :] - 2 * (g[rows] @ g[rows].T) * (dz @ dz.T)
+            pair[rows[:, None] == rows[None, :]] = -np.inf
+            chosen = list(np.unravel_index(int(np.argmax(pair)), pair.shape))
+            if pair[chosen[0], chosen[1]] <= 0:
+                break
+        for m in chosen:
+            i, o = moves[m]
+            err -= np.outer(g[i], dz[m])
+            pick[i] = o
+        moves = [(i, o) for i, zs in enumerate(z) for o in range(len(zs)) if o != pick[i]]
+    return np.stack([opts[p] for opts, p in zip(options, pick, strict=True)])
+
+
+def _codes_from_grad_w(c, result, codes, boundary, v, w_codes):
     """The codes whose flips the implementation's dW = g^T z shows, column by column: in column
     j, the subset of boundary entries whose flips make the reference's dW[:, j] match (each
     flip moves z[i, j] by ±1 / s_x[i]; exact when the input is not sparsified)."""
@@ -637,7 +706,7 @@ def _codes_from_grad_w(op, c, result, codes, boundary, v, w_codes):
     g = c["grad_y"].reshape(rows.shape[0], -1)
     s_x = absmax_quantize(rows)[1]
     base = _linear(c, codes.reshape(c["x"].shape), w_codes)[2]
-    scale = op.scales(c)[2]
+    scale = _linear_scales(c)[2]
     got = np.asarray(result[2])
     other = np.clip(np.where(codes == np.floor(v), np.floor(v) + 1, np.floor(v)), -128, 127)
     for j in range(d_in):
@@ -668,35 +737,98 @@ def _batch_variants(q, boundary, v, dtype):
 
 
 def _search_ffn(op, case, c, result, dtype):
-    """The FFN's rows: flips of h's codes (up and gate) and then of f's codes (down)."""
-    if not c["bits"]:
+    """The FFN row by row -- exact for the activations' codes: a token's y depends on its own
+    row only (codes, masks and scales are per row; no sum runs over rows): flips of h's codes
+    (up and gate), then of the codes of f = u * act(g) recomputed on them (down). The hidden f
+    is recomputed per row, since a batched matmul may round u and g otherwise (BLAS takes
+    another path): its flips are counted against the batched reference's f. Weight codes stay
+    the reference's (SPEC 4's one scale per matrix; the "half" weights round exactly)."""
+    y_ref, f_ref = _ffn_parts(c)
+    if not c["bits"] or np.shape(result[0]) != y_ref.shape:
         return None
-    if not (absmax_boundaries(c["h"], dtype)[0].any()
-            or absmax_boundaries(_ffn_parts(c)[1], dtype)[0].any()):
+    if not (absmax_boundaries(c["h"], dtype)[0].any() or absmax_boundaries(f_ref, dtype)[0].any()):
         return None
     h = c["h"].reshape(-1, c["h"].shape[-1])
+    qf_ref = absmax_quantize(f_ref)[0].reshape(h.shape[0], -1)
     got = np.asarray(result[0]).reshape(-1, h.shape[-1])
     scale = op.scales(c)[0].reshape(-1, h.shape[-1])
     flips = 0
     for i in range(h.shape[0]):
-        row = {**c, "h": h[i:i + 1]}
-        qh, _ = absmax_quantize(row["h"])
-        bh, vh = absmax_boundaries(row["h"], dtype)
-        found = False
-        for h_codes, n in row_variants(qh[0], bh[0], vh[0], -128, 127, dtype):
-            _, f = _ffn_parts(row, h_codes[None])
+        found = _ffn_row_codes(c, h[i:i + 1], got[i:i + 1], scale[i:i + 1], dtype)
+        if found is None:
+            return None
+        h_flips, f_codes = found
+        flips += h_flips + int((f_codes != qf_ref[i]).sum())
+    return flips, None
+
+
+def _ffn_row_codes(c, h, got, scale, dtype):
+    """(h flips, f codes) of the first flip variants that make this row's y fn's, or None."""
+    row = {**c, "h": h}
+    qh, _ = absmax_quantize(h)
+    bh, vh = absmax_boundaries(h, dtype)
+    for h_codes, n in row_variants(qh[0], bh[0], vh[0], -128, 127):
+        _, f = _ffn_parts(row, h_codes[None])
+        qf, _ = absmax_quantize(f)
+        bf, vf = absmax_boundaries(f, dtype)
+        for f_codes, _ in row_variants(qf[0], bf[0], vf[0], -128, 127):
+            y = _as_dtype(_ffn_parts(row, h_codes[None], f_codes[None])[0], dtype)
+            if compare("y", got, y, "reduction", scale) is None:
+                return n, f_codes
+    return None
+
+
+MAX_EXPERT_COMBINATIONS = 64  # per token and h variant: the experts' hidden-code variants
+
+
+def _search_moe(case, c, result, dtype):
+    """The MoE token by token (as the FFN: no sum runs over tokens; the routing is dense float,
+    no codes): y_i = Σ_chosen p_e GLU_e(h_i), h_i's codes shared by its experts, each expert's
+    hidden f its own. Tries h_i's variants, and for each the combinations of the experts' f
+    variants (flips counted against the token's own reference: the batched one runs each
+    expert on its routed tokens at once, and may round otherwise); aux (routing only) must
+    match as it is."""
+    from .gpt import route
+
+    y_ref, aux_ref = _moe(c)
+    got = np.asarray(result[0])
+    aux_ref = _as_dtype(np.asarray(aux_ref), dtype)
+    if got.shape != y_ref.shape or compare("aux", _as_result(result[1], aux_ref), aux_ref,
+                                           "reduction") is not None:
+        return None
+    probs, chosen = route(c["h"], c["router"], c["top_experts"])
+    scale = np.abs(y_ref)  # as the plain comparison: relative to the largest |y|
+    flips = 0
+    for i in range(got.shape[0]):
+        found = _moe_token_codes(c, c["h"][i:i + 1], probs[i], np.flatnonzero(chosen[i]),
+                                 got[i:i + 1], scale, dtype)
+        if found is None:
+            return None
+        flips += found
+    return flips, None
+
+
+def _moe_token_codes(c, h, p, experts, got, scale, dtype):
+    """Flips (counted against this token's own reference) that make y_i fn's, or None."""
+    glu = {"k": None, "rescale": "none", "bits": c["bits"], "act": c["act"]}
+    qh, _ = absmax_quantize(h)
+    bh, vh = absmax_boundaries(h, dtype)
+    for h_codes, n in row_variants(qh[0], bh[0], vh[0], -128, 127):
+        per_expert = []
+        for e in experts:
+            ex = {**glu, "h": h, "up": c["up"][e], "gate": c["gate"][e], "down": c["down"][e]}
+            _, f = _ffn_parts(ex, h_codes[None])
             qf, _ = absmax_quantize(f)
             bf, vf = absmax_boundaries(f, dtype)
-            for f_codes, m in row_variants(qf[0], bf[0], vf[0], -128, 127, dtype):
-                y = _as_dtype(_ffn_parts(row, h_codes[None], f_codes[None])[0], dtype)
-                if compare("y", got[i:i + 1], y, "reduction", scale[i:i + 1]) is None:
-                    flips, found = flips + n + m, True
-                    break
-            if found:
-                break
-        if not found:
-            return None
-    return (flips, (None,) * 5) if flips else None
+            per_expert.append([(p[e] * _ffn_parts(ex, h_codes[None], codes[None])[0],
+                                int((codes != qf[0]).sum()))
+                               for codes, _ in itertools.islice(
+                                   row_variants(qf[0], bf[0], vf[0], -128, 127), 8)])
+        for combo in itertools.islice(itertools.product(*per_expert), MAX_EXPERT_COMBINATIONS):
+            y = _as_dtype(sum((part for part, _ in combo), np.zeros_like(h)), dtype)
+            if compare("y", got, y, "reduction", scale) is None:
+                return n + sum(m for _, m in combo)
+    return None
 
 
 # ---- calling fn: NumPy or torch, function or Module -------------------------------------------
@@ -1014,11 +1146,17 @@ def save_failure(report, out_dir, target, device="cpu"):
     params = {k: v for k, v in report.case.items() if not isinstance(v, np.ndarray)}
     np.savez(npz, op=np.array(report.op), params=np.array(json.dumps(params)),
              dtypes=np.array(json.dumps(dtypes)), **arrays)
+    module, _, attr = target.rpartition(":")
+    if module.endswith(".py"):  # the script runs from anywhere: absolute paths
+        target = f"{Path(module).resolve()}:{attr}"
     script.write_text(
         f'"""Rerun the failing case minisparse check {report.op} found (seed {report.seed}).\n\n'
         f"{report.problem}\n"
-        f'"""\nfrom minisparse.oracle.harness import load_case, load_function, run_case\n\n'
-        f'case = load_case({str(npz)!r})\nfn = load_function({target!r})\n'
+        f'"""\nimport sys\nfrom pathlib import Path\n\n'
+        f"from minisparse.oracle.harness import load_case, load_function, run_case\n\n"
+        f"sys.path.insert(0, {str(Path.cwd())!r})  # where check ran: its modules import\n"
+        f"case = load_case(Path(__file__).with_name({npz.name!r}))\n"
+        f"fn = load_function({target!r})\n"
         f'problem, mismatch, expected, got, flips = run_case({report.op!r}, fn, case, '
         f'device={device!r})\n'
         f'print("input:", {{k: getattr(v, "shape", v) for k, v in case.items()}})\n'
