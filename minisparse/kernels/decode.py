@@ -198,20 +198,21 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs):
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
     q = q8[:d_in] if ternary else q8[:0]
+    sel, k, block_n, block_m = sparse
     s = np.float32(1)
     if ternary:
         s = _quantize(x, q)
-        for j in range(d_in):  # A(x) = q / s as the reference (top-K alone only needs q)
-            a[j] = np.float32(q[j]) / s
-    else:
-        a[:d_in] = x
-    sel, k, block_n, block_m = sparse
-    count = _select(a[:d_in], q, sel, k, block_n, block_m, tau, idx)
+        if sel == BLOCK or sel == THRESHOLD or l2:  # top-K (or all) needs only the codes
+            for j in range(d_in):  # A(x) = q / s, as the reference
+                a[j] = np.float32(q[j]) / s
+    ax = a[:d_in] if ternary else x  # A(x): the float path has no quantizer
+    count = _select(ax, q, sel, k, block_n, block_m, tau, idx)
     kept = idx[:count]
-    r = _l2_factor(a[:d_in], kept) if l2 else np.float32(1)
+    r = _l2_factor(ax, kept) if l2 else np.float32(1)
     if not ternary:
         for m in range(n_mats):
-            outs[m, :d_out] = _float_gemv(x, kept, wt[m]) * r
+            y = _float_gemv(x, kept, wt[m])
+            outs[m, :d_out] = y * r if l2 else y
         return
     # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
     # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
