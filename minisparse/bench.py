@@ -292,18 +292,44 @@ def _gpt(config, backend, seed=0):
 def decode_rows(quick, reps):
     """Seconds per decoded token (KV cache, one position per step): the compiled decode step
     of a packed sparse (and ternary) ~50M-parameter config vs the dense float32 model of the
-    same size on the NumPy backend (no top-K, no quantization: plain x @ W.T per projection)."""
+    same size on the NumPy backend (no top-K, no quantization: plain x @ W.T per projection);
+    the default tiny model (``minisparse train``'s, dense float) compiled vs the same model on
+    the NumPy backend; and the ternary + sparse model vs the dense float32 baseline model in
+    PyTorch eager (minisparse.torch's GPT with a KV cache: F.linear per projection), when
+    torch is installed."""
     base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
+    slow = fast = None
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
         slow, fast = _gpt(base, "numpy"), _gpt(config, "numba")
         pack_model(fast)
-        steps = [_engine_step(slow), _compiled_step(fast)]
-        n = sum(p.size for _, p in fast.named_parameters())
         name = "decode_ternary" if "bits" in extra else "decode"
-        row = compare(name, f"{n / 1e6:.1f}M", extra["sparsity"], steps[0], steps[1], 4 * reps)
-        roofline = weight_bytes_per_token(fast.config) / stream_bandwidth()
-        yield dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
+        yield _decode_row(name, extra["sparsity"], _engine_step(slow), fast, 4 * reps)
+    tiny = dict(TRAIN_CONFIG, d_model=32, n_layers=1, n_heads=2) if quick else TRAIN_CONFIG
+    model = _gpt(tiny, "numba")
+    pack_model(model)
+    yield _decode_row("decode_tiny", None, _engine_step(_gpt(tiny, "numpy")), model, 4 * reps)
+    torch_step = _torch_decode_step(slow)
+    if torch_step is None:
+        print("# decode_vs_torch: skipped (torch not installed)", file=sys.stderr)
+        return
+    import torch
+
+    threads = _fastest_threads(torch, torch_step)
+    with _torch_threads(torch, threads):
+        row = _decode_row("decode_vs_torch", 0.5, torch_step, fast, 4 * reps)
+    print(f"# decode_vs_torch: PyTorch eager on {threads} intra-op thread(s), its faster "
+          "setting here", file=sys.stderr)
+    yield row
+
+
+def _decode_row(name, sparsity, baseline, model, reps):
+    """compare() of one decoded token, ``baseline`` against ``model``'s compiled step, with the
+    roofline field: (weight bytes per token / stream bandwidth) / our seconds per token."""
+    n = sum(p.size for _, p in model.named_parameters())
+    row = compare(name, f"{n / 1e6:.1f}M", sparsity, baseline, _compiled_step(model), reps)
+    roofline = weight_bytes_per_token(model.config) / stream_bandwidth()
+    return dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
 
 
 PROMPT = list(range(8))  # every decode row restarts from this prompt when the cache is full
@@ -335,6 +361,36 @@ def _compiled_step(model):
             for t in PROMPT:
                 decoder.step(t)
         decoder.step(PROMPT[-1])
+
+    return step
+
+
+def _torch_decode_step(model):
+    """One decoded token of ``model``'s config and weights in PyTorch eager: minisparse.torch's
+    GPT with its KV cache, no autograd; None when torch is not installed. (On a ternary or
+    sparse config that GPT re-quantizes every weight and runs top-K per call, as it trains:
+    the rows give it the dense float32 model.)"""
+    try:
+        import torch
+
+        from .torch.model import GPT as TorchGPT
+        from .torch.model import KVCache as TorchKVCache
+    except ImportError:
+        return None
+
+    params = {name: p.data for name, p in model.named_parameters()}
+    net = TorchGPT.from_params(model.config.to_dict(), params)
+    cache = TorchKVCache()
+    prompt = torch.tensor([PROMPT])
+
+    @torch.no_grad()
+    def step():
+        nonlocal cache
+        if cache.length == model.config.context:
+            cache = TorchKVCache()
+        if cache.length == 0:
+            net(prompt, kv_cache=cache)
+        net(prompt[:, -1:], kv_cache=cache)
 
     return step
 

@@ -1,6 +1,7 @@
 """``minisparse bench --quick`` runs end to end and emits well-formed rows (timings are never
 asserted: the machine is shared)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -19,7 +20,8 @@ def test_quick_bench_emits_json_rows():
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     names = {r["name"] for r in rows}
     assert {"sparse_gemv", "ternary_gemv", "sparse_ternary_gemv", "ternary_gemv_cold",
-            "decode_ternary", "sample_tiny", "cold_first_call"} <= names
+            "decode_ternary", "decode_tiny", "sample_tiny", "cold_first_call"} <= names
+    assert ("decode_vs_torch" in names) == (importlib.util.find_spec("torch") is not None)
     assert all(line.startswith("#") for line in out.stderr.splitlines() if line.strip())
     for row in rows:
         optional = {"roofline"} if row["name"].startswith("decode") else set()

@@ -1,22 +1,39 @@
 """The compiled decode step (kernels/decode.py) against the engine's KV-cache forward: logits to
-float rounding, greedy tokens equal, on every SIMD level the CPU runs."""
+float rounding, greedy tokens equal, on every SIMD level the CPU runs, for top-K, N:M blocks,
+l2 rescale and SPEC 11 thresholds."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import float_arrays
 
+from minisparse.calibrate import collect_inputs
 from minisparse.generate import compiled_decoder, generate
-from minisparse.kernels import pack_model, unpack_model
-from minisparse.kernels.decode import decoder_for
+from minisparse.kernels import pack_model, topk_indices, unpack_model
+from minisparse.kernels.decode import _quantize, _top_codes, decoder_for
 from minisparse.model import GPT, GPTConfig, KVCache
+from minisparse.quant import absmax_quantize
+from minisparse.sparsity import calibrate_threshold
 
+THRESHOLD = dict(sparsify="threshold", sparsity=0.75)  # relu2: over half of ffn_down are 0
 CONFIGS = [dict(sparsity=0.5, bits=1.58), dict(sparsity=0.5, ffn_act="silu"), dict(bits=1.58),
-           dict()]
+           dict(), dict(block=(2, 4), bits=1.58), dict(block=(3, 8)),
+           dict(sparsity=0.6, rescale="l2", bits=1.58), dict(sparsity=0.6, rescale="l2"),
+           dict(THRESHOLD, bits=1.58), THRESHOLD]
 
 
 def _model(**extra):
     config = GPTConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, context=12,
                        ffn_hidden=80, **extra)
     model = GPT(config, np.random.default_rng(3), backend="numba")
+    if config.sparsify == "threshold":  # SPEC 11's taus for S on a few random tokens
+        tokens = np.random.default_rng(4).integers(0, config.vocab_size, (2, config.context))
+        params = dict(model.named_parameters())
+        for i, sites in enumerate(collect_inputs(model, tokens)):
+            for site, values in sites.items():
+                tau = calibrate_threshold(values, config.sparsity)
+                params[f"blocks.{i}.tau.{site}"].data[()] = tau
     pack_model(model)
     return model
 
@@ -35,8 +52,11 @@ def test_step_logits_equal_the_engine(level, extra):
         decoder.step(0)
 
 
-def test_greedy_generation_equals_the_engine(level):
-    model = _model(sparsity=0.5, bits=1.58)
+@pytest.mark.parametrize("extra", [dict(sparsity=0.5, bits=1.58), dict(block=(2, 4), bits=1.58),
+                                   dict(sparsity=0.6, rescale="l2", bits=1.58),
+                                   dict(THRESHOLD, bits=1.58)])
+def test_greedy_generation_equals_the_engine(level, extra):
+    model = _model(**extra)
     fast = generate(model, [1, 2, 3], 30, temperature=0)  # 30 > context: window refills
     unpack_model(model)
     assert compiled_decoder(model) is None
@@ -44,9 +64,15 @@ def test_greedy_generation_equals_the_engine(level):
     assert fast == slow
 
 
+def test_the_test_models_thresholds_are_positive():
+    # the threshold configs above exercise a mask, not "keep everything" or "keep nothing"
+    model = _model(**THRESHOLD)
+    taus = [p.data for name, p in model.named_parameters() if ".tau." in name]
+    assert len(taus) == 8 and all(t > 0 for t in taus)
+
+
 def test_uncovered_configs_keep_the_engine_path():
-    assert decoder_for(_model(sparsity=0.5, rescale="l2")) is None
-    assert decoder_for(_model(block=(2, 4))) is None
+    assert decoder_for(_model(sparsity=0.5, ffn="moe", n_experts=2, top_experts=1)) is None
     model = _model(sparsity=0.5)
     unpack_model(model)
     assert compiled_decoder(model) is None
@@ -69,3 +95,47 @@ def test_prefill_equals_single_steps_and_the_full_forward(extra, cached):
     np.testing.assert_allclose(got, want[cached:], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="context"):
         filled.prefill(tokens[:1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(float_arrays(st.integers(1, 70), bound=4.0, dtype=np.float32), st.booleans())
+def test_quantize_equals_spec3(x, halves):
+    if halves:  # max|x| = 127 makes s = 1: every x = k + 1/2 is a rounding tie (to even)
+        x = np.append(np.floor(x * 30) + np.float32(0.5), np.float32(127)).astype(np.float32)
+    q = np.empty(x.shape, np.int8)
+    s = _quantize(x, q)
+    want_q, want_s = absmax_quantize(x)
+    assert s == want_s[0]
+    np.testing.assert_array_equal(q, want_q)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=90), st.data())
+def test_top_codes_equal_topk_indices(codes, data):
+    q = np.array(codes, np.int8)  # few distinct values: many ties at the k-th magnitude
+    k = data.draw(st.integers(1, q.shape[0]))
+    idx = np.full(q.shape[0], -1, np.int64)
+    assert _top_codes(q, k, idx) == k
+    np.testing.assert_array_equal(idx[:k], topk_indices(q.astype(np.float32), k))
+
+
+@pytest.mark.parametrize("cached", [1, 4])
+def test_torch_kv_cache_equals_its_full_forward(cached):
+    # the bench's PyTorch eager decode row runs minisparse.torch's GPT with this cache
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    from minisparse.torch.model import GPT as TorchGPT
+    from minisparse.torch.model import KVCache as TorchKVCache
+
+    config = dict(vocab_size=23, d_model=32, n_layers=2, n_heads=2, context=12, ffn_hidden=80,
+                  sparsity=0.5, bits=1.58)
+    model = TorchGPT(config, np.random.default_rng(3))
+    idx = torch.from_numpy(np.random.default_rng(5).integers(0, 23, (1, 9)))
+    cache = TorchKVCache()
+    with torch.no_grad():
+        want = model(idx)[0]
+        parts = [model(idx[:, :cached], kv_cache=cache)[0]]
+        parts += [model(idx[:, t:t + 2], kv_cache=cache)[0] for t in range(cached, 9, 2)]
+        with pytest.raises(ValueError, match="context"):
+            model(idx[:, :4], kv_cache=cache)
+    assert cache.length == 9
+    torch.testing.assert_close(torch.cat(parts, dim=1), want, rtol=1e-4, atol=1e-5)

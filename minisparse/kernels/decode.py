@@ -2,18 +2,21 @@
 
 A decode step through the engine runs hundreds of small NumPy operations and Python calls per
 token; their fixed costs, not the weights, set the speed. ``Decoder.step(token)`` does the same
-math in one Numba function: embedding, and per block RMSNorm, the int8 codes (SPEC 3), top-K
-(SPEC 1), the q/k/v products on the kept inputs, RoPE, attention over the KV cache, o, RMSNorm,
-up/gate, the GLU, down; then the final norm and the tied head. The projections are the packed
-kernels (``PackedLinear.gemv``'s math: exact int32 sums / (s_x s_w) for ternary, the kept rows
-of W^T for float), the rest follows the reference op for op in float32, so the logits equal
-the engine's up to float rounding (attention sums in another order) and, where that moves an
-int8 code across a rounding boundary (SPEC 3), by one code.
+math in one Numba function: embedding, and per block RMSNorm, the int8 codes (SPEC 3), the kept
+inputs (top-K, SPEC 1; N:M blocks, SPEC 2; or |A(x)| > tau, SPEC 11; with SPEC 1's l2 rescale),
+the q/k/v products, RoPE, attention over the KV cache, o, RMSNorm, up/gate, the GLU, down; then
+the final norm and the tied head. The projections are the packed kernels (``PackedLinear.gemv``'s
+math: exact int32 sums / (s_x s_w) for ternary, the kept rows of W^T for float), the rest
+follows the reference op for op in float32, so the logits equal the engine's up to float
+rounding (attention sums in another order) and, where that moves an int8 code across a
+rounding boundary (SPEC 3), by one code.
 
-Configs the step does not cover (N:M blocks, rescale "l2", MoE, threshold sparsity: each would
-be one more branch in ``_project``'s caller) get ``decoder_for(model) is None`` and keep the
-engine path. The SIMD level of the ternary products is a compile-time constant (``width``:
-0 portable, 32 AVX2, 64 AVX-512), so a CPU without AVX2 never compiles the intrinsics.
+Per token the fixed costs are paid per *input*, not per weight: q, k and v read one input, so
+it is quantized, its kept inputs chosen and paired once, and their codes sit side by side (one
+kept input is one run of 3 Q bytes); likewise up and gate. Scratch buffers are allocated once
+per call. MoE configs get ``decoder_for(model) is None`` and keep the engine path. The SIMD
+level of the ternary products is a compile-time constant (``width``: 0 portable, 32 AVX2, 64
+AVX-512), so a CPU without AVX2 never compiles the intrinsics.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from numba.extending import overload
 from ..sparsity import k_for
 from .simd import _gemv_serial, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
-from .ternary import _absmax_row, _ternary_serial
+from .ternary import _ternary_serial, prefetch
 from .topk import _row_indices
 
 
@@ -80,27 +83,154 @@ def _rmsnorm(x, g, eps):
     return (x * r) * g
 
 
+# How a projection chooses its kept inputs (a compile-time-free int, one per model)
+ALL, TOPK, BLOCK, THRESHOLD = 0, 1, 2, 3
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
+
+
 @njit(cache=True, inline="always")
-def _project(width, x, k, codes, scale, wt):
-    """SPEC 5 for one token x [D_in]: ternary (codes, scale) when codes has rows, else float
-    (wt [D_in, D_out]); top-K of k inputs when 0 < k < D_in."""
-    d_in = x.shape[0]
-    if codes.shape[0] > 0:
-        q = np.empty(d_in, np.int8)
-        s = np.empty(1, x.dtype)
-        _absmax_row(x, q, s)
-        if 0 < k < d_in:
-            qf = q.astype(np.float32)
-            idx = _row_indices(qf, qf.view(np.int32), 31, k)
-        else:
-            idx = np.arange(d_in)
-        acc = _ternary_product(width, q, idx, codes, wt.shape[1])
-        return (acc / (s[0] * np.float32(scale))).astype(np.float32)
-    if 0 < k < d_in:
-        idx = _row_indices(x, x.view(np.int32), 31, k)
-    else:
-        idx = np.arange(d_in)
-    return _float_gemv(x, idx, wt)
+def _quantize(x, q):
+    """SPEC 3 for one token x [D] float32: q[:] = clip(rint(x s), -128, 127), returns s =
+    127 / max(max|x|, 1e-5) -- ternary._absmax_row's operations, in loops that vectorise
+    (1.7 us -> ~0.15 us at D = 512; a decode step does 64 of them): max|x| as the largest
+    sign-cleared bit pattern (ordered like the value for floats >= 0; an integer max, where a
+    float max is a chain of compares), rint as (y + M) - M in float32 (round-half-to-even,
+    exact for |y| < 2^22; here |y| <= 127)."""
+    bits = x.view(np.int32)
+    top = np.int32(0)
+    for j in range(bits.shape[0]):
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    s = np.float32(127) / max(np.int32(top).view(np.float32), np.float32(1e-5))
+    for j in range(x.shape[0]):
+        r = (x[j] * s + _MAGIC) - _MAGIC
+        q[j] = np.int8(np.int32(min(max(r, np.float32(-128)), np.float32(127))))
+    return s
+
+
+@njit(cache=True, inline="always")
+def _top_codes(q, k, idx):
+    """idx[:k] = the ascending positions of the k largest |q| of int8 codes q (SPEC 1: ties to
+    the lower index). |q| is in [0, 128]: a binary search over it, each step one vectorised
+    count of #{|q| >= v}, finds the k-th largest t; then everything above t is kept, and the
+    first entries equal to t."""
+    t, step = 0, 128
+    while step:  # the largest t with #{|q| >= t} >= k
+        v, count = t + step, 0
+        for j in range(q.shape[0]):
+            count += abs(np.int32(q[j])) >= v
+        if count >= k:
+            t = v
+        step //= 2
+    above = 0
+    for j in range(q.shape[0]):
+        above += abs(np.int32(q[j])) > t
+    last, ties = -1, k - above  # the entries equal to t that get in: up to position last
+    while ties:
+        last += 1
+        ties -= abs(np.int32(q[last])) == t
+    n = 0
+    for j in range(q.shape[0]):  # branch-free: half the entries are kept, at random
+        a = abs(np.int32(q[j]))
+        idx[n] = j
+        n += (a > t) | ((a == t) & (j <= last))
+    return n
+
+
+@njit(cache=True, inline="always")
+def _select(a, q, sel, k, block_n, block_m, tau, idx):
+    """How many inputs of a [D] (float32, A(x)) are kept, their ascending positions in idx:
+    all, the top-k |a| (SPEC 1; on the codes q when given, the same order), the block_n
+    largest of each block_m (SPEC 2, ties to the lower index), or |a| > tau (SPEC 11)."""
+    d = a.shape[0]
+    if sel == TOPK and k < d:
+        if q.shape[0] > 0:
+            return _top_codes(q, k, idx)
+        kept = _row_indices(a, a.view(np.int32), 31, k)
+        idx[:k] = kept
+        return k
+    n = 0
+    if sel == BLOCK:
+        for b in range(0, d, block_m):
+            for j in range(b, b + block_m):
+                before = 0  # entries ahead of j in (-|a|, index) order
+                for i in range(b, b + block_m):
+                    before += abs(a[i]) > abs(a[j]) or (abs(a[i]) == abs(a[j]) and i < j)
+                if before < block_n:
+                    idx[n] = j
+                    n += 1
+        return n
+    for j in range(d):
+        if sel != THRESHOLD or abs(a[j]) > tau:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True, inline="always")
+def _l2_factor(a, kept):
+    """SPEC 1's r = ||a|| / max(||a ⊙ M||, 1e-12) as sparsity._rescale_factor computes it: both
+    norms of a / max|a| (no overflow), in float32."""
+    m = np.float32(0)
+    for j in range(a.shape[0]):
+        m = max(m, abs(a[j]))
+    div = m if m > 0 else np.float32(1)
+    total = np.float32(0)
+    for j in range(a.shape[0]):
+        u = a[j] / div
+        total += u * u
+    part = np.float32(0)
+    for j in kept:
+        u = a[j] / div
+        part += u * u
+    norm, kept_norm = np.sqrt(total), np.sqrt(part)
+    if m * kept_norm < np.float32(1e-12):
+        return m * norm / np.float32(1e-12)
+    return norm / kept_norm
+
+
+@njit(cache=True, inline="always")
+def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs):
+    """outs[m, :D_out] = SPEC 5 for one token x [D_in] and each weight m of a group that reads
+    the same input (q, k, v; up, gate): A(x), the kept inputs and r found once for all of them.
+    Ternary when codes [D_in, n Q] has rows (the group's codes side by side: one kept row is
+    n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M)."""
+    q8, a, idx = scratch
+    d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
+    ternary = codes.shape[0] > 0
+    q = q8[:d_in] if ternary else q8[:0]
+    sel, k, block_n, block_m = sparse
+    s = np.float32(1)
+    if ternary:
+        s = _quantize(x, q)
+        if sel == BLOCK or sel == THRESHOLD or l2:  # top-K (or all) needs only the codes
+            for j in range(d_in):  # A(x) = q / s, as the reference
+                a[j] = np.float32(q[j]) / s
+    ax = a[:d_in] if ternary else x  # A(x): the float path has no quantizer
+    count = _select(ax, q, sel, k, block_n, block_m, tau, idx)
+    kept = idx[:count]
+    r = _l2_factor(ax, kept) if l2 else np.float32(1)
+    if not ternary:
+        for m in range(n_mats):
+            y = _float_gemv(x, kept, wt[m])
+            outs[m, :d_out] = y * r if l2 else y
+        return
+    # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
+    # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
+    cols = codes.shape[1]
+    for i in kept:  # every line of the kept rows asked for at once: the loads overlap
+        row = codes[i]
+        for j in range(0, cols, 64):
+            prefetch(row, j)
+    acc = _ternary_product(width, q, kept, codes, 4 * cols)
+    cols_m = cols // n_mats
+    for m in range(n_mats):
+        div = np.float64(s * np.float32(scales[m]))  # acc / (s_x s_w) in float64, as NumPy
+        for plane in range(4):
+            n = min(cols_m, d_out - plane * cols_m)
+            src = acc[plane * cols + m * cols_m:plane * cols + m * cols_m + n]
+            dst = outs[m, plane * cols_m:plane * cols_m + n]
+            for b in range(n):
+                dst[b] = np.float32(src[b] / div) * r
 
 
 @njit(cache=True, fastmath=True)
@@ -123,19 +253,21 @@ def _attend(qh, keys, values, n, out):
 
 
 @njit(cache=True, inline="always")
-def _block(width, layer, pos, x, norms, codes_d, codes_f, codes_down, scales, wt_d, wt_f,
-           wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2, eps):
+def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs):
     """Block ``layer`` for one position: x [d] updated in place; k_cache / v_cache
-    [L, H, T, dh] get the position's keys and values. Projections per layer: d -> d (q, k, v,
-    o: index 0-3 of codes_d / wt_d), d -> f (up, gate), f -> d (down)."""
+    [L, H, T, dh] get the position's keys and values. The four groups of projections (q k v,
+    o, up gate, down) are ``model``'s codes / wts [layer] (see ``Decoder``)."""
+    norms, codes, wts, scales, taus, cos, sin, n_heads, sparse, l2, relu2, eps = model
     d = x.shape[0]
     dh = d // n_heads
     half = dh // 2
     inv = np.float32(1.0 / math.sqrt(dh))
+    f = wts[2].shape[3]
+    sc = scales[layer]
     h = _rmsnorm(x, norms[layer, 0], eps)
-    q = _project(width, h, k_d, codes_d[layer, 0], scales[layer, 0], wt_d[layer, 0])
-    kk = _project(width, h, k_d, codes_d[layer, 1], scales[layer, 1], wt_d[layer, 1])
-    v = _project(width, h, k_d, codes_d[layer, 2], scales[layer, 2], wt_d[layer, 2])
+    _products(width, h, codes[0][layer], wts[0][layer], sc[0:3], sparse[0], taus[layer, 0], l2,
+              scratch, outs)
+    q, kk, v = outs[0], outs[1], outs[2]
     qh = np.empty(dh, np.float32)
     att_out = np.empty(d, np.float32)
     for hd in range(n_heads):
@@ -147,34 +279,42 @@ def _block(width, layer, pos, x, norms, codes_d, codes_f, codes_down, scales, wt
             qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
             v_cache[layer, hd, pos, j] = v[o + j]
         _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, att_out[o:o + dh])
-    x += _project(width, att_out, k_d, codes_d[layer, 3], scales[layer, 3], wt_d[layer, 3])
+    _products(width, att_out, codes[1][layer], wts[1][layer], sc[3:4], sparse[0],
+              taus[layer, 1], l2, scratch, outs)
+    x += outs[0, :d]
     h = _rmsnorm(x, norms[layer, 1], eps)
-    u = _project(width, h, k_d, codes_f[layer, 0], scales[layer, 4], wt_f[layer, 0])
-    g = _project(width, h, k_d, codes_f[layer, 1], scales[layer, 5], wt_f[layer, 1])
+    _products(width, h, codes[2][layer], wts[2][layer], sc[4:6], sparse[0], taus[layer, 2], l2,
+              scratch, outs)
+    u, g = outs[0, :f], outs[1, :f]
     if relu2:
-        f = u * np.maximum(g, np.float32(0)) ** 2
+        act = u * np.maximum(g, np.float32(0)) ** 2
     else:
-        f = u * (g * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * g))))
-    x += _project(width, f, k_f, codes_down[layer], scales[layer, 6], wt_down[layer])
+        act = u * (g * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * g))))
+    _products(width, act, codes[3][layer], wts[3][layer], sc[6:7], sparse[1], taus[layer, 3],
+              l2, scratch, outs)
+    x += outs[0, :d]
 
 
 @njit(cache=True)
-def _forward(width, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-             scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
-             eps):
+def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     """Logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
     ones. Layer by layer, every position through a block before the next block: the block's
     weights stay in cache over the T positions (the reuse a GEMM gets), and position t reads
     the keys / values of positions <= t of the same layer, already written (causal)."""
     n = tokens.shape[0]
+    norms, eps = model[0], model[-1]
+    widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
+    # scratch of every projection, allocated once per call: codes, A(x), kept positions;
+    # outputs of up to three weights
+    scratch = (np.empty(widest, np.int8), np.empty(widest, np.float32),
+               np.empty(widest, np.int64))
+    outs = np.empty((3, widest), np.float32)
     x = np.empty((n, tok_emb.shape[1]), np.float32)
     for r in range(n):
         x[r] = tok_emb[tokens[r]]
     for layer in range(norms.shape[0]):
         for r in range(n):
-            _block(width, layer, pos0 + r, x[r], norms, codes_d, codes_f, codes_down, scales,
-                   wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f, relu2,
-                   eps)
+            _block(width, layer, pos0 + r, x[r], model, k_cache, v_cache, scratch, outs)
     logits = np.empty((n, tok_emb.shape[0]), np.float32)
     for r in range(n):
         logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps)
@@ -184,39 +324,33 @@ def _forward(width, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, 
 # One cached entry per SIMD level, each passing its width as a literal (a new process then
 # loads the forward from the cache instead of typing it again).
 @njit(cache=True)
-def _forward_portable(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                      scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                      relu2, eps):
-    return _forward(0, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                    relu2, eps)
+def _forward_portable(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+    return _forward(0, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 @njit(cache=True)
-def _forward_avx2(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                  scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                  relu2, eps):
-    return _forward(32, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                    relu2, eps)
+def _forward_avx2(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+    return _forward(32, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 @njit(cache=True)
-def _forward_avx512(tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                    relu2, eps):
-    return _forward(64, tokens, pos0, tok_emb, norms, final_norm, codes_d, codes_f, codes_down,
-                    scales, wt_d, wt_f, wt_down, k_cache, v_cache, cos, sin, n_heads, k_d, k_f,
-                    relu2, eps)
+def _forward_avx512(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+    return _forward(64, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 _ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
+_GROUPS = ((0, 3), (3, 4), (4, 6), (6, 7))  # _KINDS that read one input: q k v, o, up gate, down
+_TAUS = ("attn_in", "attn_o", "ffn_in", "ffn_down")  # SPEC 11: one threshold per group
 
 
 class Decoder:
-    """A packed float32 model's weights stacked per kind of projection, its KV cache, and
-    ``step(token) -> logits [V]`` (the next position of the sequence)."""
+    """A packed float32 model's weights stacked per group of projections that read one input,
+    its KV cache, and ``step(token) -> logits [V]`` (the next position of the sequence).
+
+    Ternary codes of a group sit side by side, codes[g] [L, D_in, n Q] (one kept input reads
+    n Q contiguous bytes: one stream for q, k and v instead of three); float weights are
+    wts[g] [L, n, D_in, D_out] (for ternary models empty but for D_out)."""
 
     def __init__(self, model):
         c = model.config
@@ -224,33 +358,34 @@ class Decoder:
         p = dict(model.named_parameters())
         blocks = range(c.n_layers)
         packed = [[p[f"blocks.{i}.{kind}"].packed for kind in _KINDS] for i in blocks]
-        ternary = c.bits is not None
-        empty = np.zeros((c.n_layers, 1, 0, 0), np.uint8)
-        if ternary:
-            self.codes_d = np.stack([[pl.ternary.codes for pl in row[:4]] for row in packed])
-            self.codes_f = np.stack([[pl.ternary.codes for pl in row[4:6]] for row in packed])
-            self.codes_down = np.stack([row[6].ternary.codes for row in packed])
+        d_out = [c.d_model] * 4 + [c.ffn_hidden] * 2 + [c.d_model]
+        if c.bits is not None:
+            codes = tuple(np.stack([np.concatenate([pl.ternary.codes for pl in row[a:b]], axis=1)
+                                    for row in packed]) for a, b in _GROUPS)
+            wts = tuple(np.zeros((c.n_layers, b - a, 0, d_out[a]), np.float32)
+                        for a, b in _GROUPS)
             self.scales = np.array([[pl.ternary.scale for pl in row] for row in packed])
-            # the float products' slots only carry D_out (shape[1]) for the kernels
-            self.wt_d = np.zeros((c.n_layers, 4, 0, c.d_model), np.float32)
-            self.wt_f = np.zeros((c.n_layers, 2, 0, c.ffn_hidden), np.float32)
-            self.wt_down = np.zeros((c.n_layers, 0, c.d_model), np.float32)
         else:
-            self.codes_d, self.codes_f = empty[:, [0] * 4], empty[:, [0] * 2]
-            self.codes_down = empty[:, 0]
+            codes = (np.zeros((c.n_layers, 0, 0), np.uint8),) * 4
+            wts = tuple(np.stack([[pl.wt for pl in row[a:b]] for row in packed])
+                        for a, b in _GROUPS)
             self.scales = np.ones((c.n_layers, 7))
-            self.wt_d = np.stack([[pl.wt for pl in row[:4]] for row in packed])
-            self.wt_f = np.stack([[pl.wt for pl in row[4:6]] for row in packed])
-            self.wt_down = np.stack([row[6].wt for row in packed])
+        self.codes, self.wts = codes, wts
         self.tok_emb = p["tok_emb"].data
-        self.norms = np.stack([[p[f"blocks.{i}.attn_norm"].data, p[f"blocks.{i}.ffn_norm"].data]
-                               for i in blocks])
+        norms = np.stack([[p[f"blocks.{i}.attn_norm"].data, p[f"blocks.{i}.ffn_norm"].data]
+                          for i in blocks])
         self.final_norm = p["norm"].data
-        self.cos, self.sin = model.rope_cos, model.rope_sin
+        threshold = c.sparsify == "threshold"
+        taus = np.array([[p[f"blocks.{i}.tau.{t}"].data if threshold else 0 for t in _TAUS]
+                         for i in blocks], np.float32)
+        sel = THRESHOLD if threshold else BLOCK if c.block else TOPK if c.sparsity else ALL
+        n, m = c.block or (0, 1)
+        sparse = tuple((sel, k_for(d, sparsity=c.sparsity) if sel == TOPK else d, n, m)
+                       for d in (c.d_model, c.ffn_hidden))
+        self._model = (norms, codes, wts, self.scales, taus, model.rope_cos, model.rope_sin,
+                       c.n_heads, sparse, c.rescale == "l2", c.ffn_act == "relu2", c.norm_eps)
         shape = (c.n_layers, c.n_heads, c.context, c.d_head)
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        self.k_d = k_for(c.d_model, sparsity=c.sparsity) if c.sparsity else 0
-        self.k_f = k_for(c.ffn_hidden, sparsity=c.sparsity) if c.sparsity else 0
         self.length = 0
         self._entry = _ENTRY[simd_level()]
 
@@ -269,11 +404,8 @@ class Decoder:
         if self.length + tokens.shape[0] > c.context:
             raise ValueError(f"Decoder: the cache holds context={c.context} positions, "
                              f"{self.length} used, {tokens.shape[0]} more given; reset()")
-        logits = self._entry(
-            tokens, self.length, self.tok_emb, self.norms, self.final_norm, self.codes_d,
-            self.codes_f, self.codes_down, self.scales, self.wt_d, self.wt_f, self.wt_down,
-            self.k_cache, self.v_cache, self.cos, self.sin, c.n_heads, self.k_d, self.k_f,
-            c.ffn_act == "relu2", c.norm_eps)
+        logits = self._entry(tokens, self.length, self.tok_emb, self.final_norm, self._model,
+                             self.k_cache, self.v_cache)
         self.length += tokens.shape[0]
         return logits
 
@@ -283,9 +415,7 @@ def decoder_for(model) -> Decoder | None:
     (the caller then keeps the engine path)."""
     c = model.config
     params = dict(model.named_parameters())
-    if c.ffn != "glu" or c.sparsify != "topk" \
-            or c.block is not None or c.rescale != "none" or params["tok_emb"].data.dtype \
-            != np.float32:
+    if c.ffn != "glu" or params["tok_emb"].data.dtype != np.float32:
         return None
     kinds = [params.get(f"blocks.{i}.{k}") for i in range(c.n_layers) for k in _KINDS]
     if any(w is None or getattr(w, "packed", None) is None or w.packed.source is not w.data

@@ -1,6 +1,7 @@
 """The GPT of SPEC section 6 in PyTorch; its ``state_dict`` keys and shapes are the SPEC names.
 
-Reading order: RoPE, attention, the transformer block (with the SPEC 11 thresholds), the GPT.
+Reading order: RoPE, the KV cache, attention, the transformer block (with the SPEC 11
+thresholds), the GPT.
 Every projection is ``modules.project`` over a raw Parameter; ``forward(..., trace=dict)``
 records each projection's input and output for SPEC 10's projection-by-projection comparison.
 """
@@ -35,6 +36,23 @@ def rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class KVCache:
+    """Every attention's keys and values [B, H, t, dh] of the positions seen so far, by block
+    name: ``GPT.forward(idx, kv_cache=cache)`` then runs only the new positions (decoding)."""
+
+    def __init__(self):
+        self.kv = {}
+        self.length = 0  # positions cached
+
+    def update(self, name, k, v):
+        """(keys, values) of the cached positions followed by the new ones k, v [B, H, T, dh]."""
+        if name in self.kv:
+            old_k, old_v = self.kv[name]
+            k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        self.kv[name] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE; q, k, v, o [d, d] are SPEC 5 projections."""
 
@@ -46,7 +64,7 @@ class Attention(nn.Module):
             setattr(self, name, nn.Parameter(w))
         self.n_heads = config["n_heads"]
 
-    def forward(self, h, cos, sin, linear, taus, trace, name):
+    def forward(self, h, cos, sin, linear, taus, trace, name, cache=None):
         B, T, d = h.shape
         q, k, v = (
             # [B, T, d] -> [B, T, H, dh] -> [B, H, T, dh]
@@ -54,8 +72,16 @@ class Attention(nn.Module):
             .view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
             for p in "qkv"
         )
-        a = nn.functional.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v,
-                                                       is_causal=True)  # softmax(qkᵀ/√dh) v
+        k = rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            k, v = cache.update(name, k, v)
+            past = k.shape[2] - T
+        # causal over the cached positions too: new position t sees positions <= past + t
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool,
+                                                 device=h.device).tril(past)
+        a = nn.functional.scaled_dot_product_attention(rope(q, cos, sin), k, v, attn_mask=mask,
+                                                       is_causal=past == 0)  # softmax(qkᵀ/√dh) v
         a = a.transpose(1, 2).reshape(B, T, d)
         return project(f"{name}.o", a, self.o, linear, taus[1], trace)
 
@@ -86,11 +112,11 @@ class Block(nn.Module):
             self.tau = Thresholds(dtype)
         self.eps = config["norm_eps"]
 
-    def forward(self, x, cos, sin, linear, trace, name):
+    def forward(self, x, cos, sin, linear, trace, name, cache=None):
         """x [B, T, d] -> (x [B, T, d], this block's load-balancing loss or None)."""
         taus = [getattr(self.tau, n) for n in TAU_NAMES] if hasattr(self, "tau") else [None] * 4
         h = rmsnorm(x, self.attn_norm, self.eps)
-        x = x + self.attn(h, cos, sin, linear, taus[:2], trace, f"{name}.attn")
+        x = x + self.attn(h, cos, sin, linear, taus[:2], trace, f"{name}.attn", cache)
         out = self.ffn(rmsnorm(x, self.ffn_norm, self.eps), linear, taus[2:], trace, f"{name}.ffn")
         out, aux = out if isinstance(out, tuple) else (out, None)
         return x + out, aux
@@ -152,21 +178,26 @@ class GPT(nn.Module):
                                  f"the config needs {tuple(t.shape)}")
         self.load_state_dict(state)
 
-    def forward(self, idx, targets=None, trace=None):
+    def forward(self, idx, targets=None, trace=None, kv_cache=None):
         """idx int [B, T] -> (logits [B, T, V], loss or None): mean cross-entropy against
         ``targets`` plus moe_aux · the mean load-balancing loss over layers when MoE.
-        ``trace``: a dict to fill with {projection name: (input, output)} NumPy arrays."""
+        ``trace``: a dict to fill with {projection name: (input, output)} NumPy arrays.
+        ``kv_cache``: a KVCache; idx are then the positions after the cached ones."""
         if idx.ndim != 2:
             raise ValueError(f"GPT: idx must be token ids of shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config["context"]:
-            raise ValueError(f"GPT: {T} positions exceed context={self.config['context']}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        past = 0 if kv_cache is None else kv_cache.length
+        if past + T > self.config["context"]:
+            raise ValueError(f"GPT: {past} cached + {T} positions exceed "
+                             f"context={self.config['context']}")
+        cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
         x = self.tok_emb[idx]  # [B, T, d]
         aux = []
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, cos, sin, self.linear, trace, f"blocks.{i}")
+            x, block_aux = block(x, cos, sin, self.linear, trace, f"blocks.{i}", kv_cache)
             aux += [] if block_aux is None else [block_aux]
+        if kv_cache is not None:
+            kv_cache.length += T
         with torch.autocast(x.device.type, enabled=False):  # the head: dense, full precision
             logits = rmsnorm(x.to(self.norm.dtype), self.norm, self.config["norm_eps"]) \
                 @ self.tok_emb.T  # [B, T, V]
