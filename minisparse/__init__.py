@@ -15,8 +15,10 @@ import os
 # setting wins. (threadpoolctl, used by scaling.py, can cap a pool's threads once it is loaded
 # but not set these wait policies, which the libraries read only as they load; the previous
 # measurement found sparse training 3x faster on 2 cores with them.)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+THREAD_POOL_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+SET_BY_US = tuple(name for name in THREAD_POOL_DEFAULTS if name not in os.environ)
+for _name in SET_BY_US:  # (a child process of other software gets the user's own environment)
+    os.environ[_name] = THREAD_POOL_DEFAULTS[_name]
 
 __version__ = "0.1.0"
 

@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
+from . import SET_BY_US
 from .data import bundled_text, get_batch, make_dataset
 from .generate import generate
 from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
@@ -43,7 +44,9 @@ from .sparsity import k_for
 GEMV_SHAPES = [(1024, 4096), (2048, 5632), (4096, 11008)]  # (d_in, d_out)
 GEMV_SPARSITY = [0.5, 0.75, 0.9]
 # ~50M parameters: 16 layers of 4 * 512^2 + 3 * 512 * 1360 weights (SPEC 6 default ffn_hidden).
-DECODE_CONFIG = dict(d_model=512, n_layers=16, n_heads=8, context=64)
+# ffn 1280 (not the default 1360): a multiple of 256, so every projection of the llama.cpp
+# peer's GGUF is TQ2_0 (a 1360-input ffn.down would be F16 there, 22 MB instead of 2.6)
+DECODE_CONFIG = dict(d_model=512, n_layers=16, n_heads=8, context=64, ffn_hidden=1280)
 TRAIN_CONFIG = dict(d_model=128, n_layers=4, n_heads=4, context=64)  # SPEC 9
 TRAIN_BATCH = 12
 
@@ -297,7 +300,7 @@ def decode_rows(quick, reps):
     the NumPy backend; and the ternary + sparse model vs the dense float32 baseline model in
     PyTorch eager (minisparse.torch's GPT with a KV cache: F.linear per projection), when
     torch is installed."""
-    base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
+    base = _decode_config(quick)
     slow = fast = None
     for extra in (dict(sparsity=0.5), dict(sparsity=0.5, bits=1.58)):
         config = dict(base, **extra)
@@ -330,6 +333,11 @@ def _decode_row(name, sparsity, baseline, model, reps):
     row = compare(name, f"{n / 1e6:.1f}M", sparsity, baseline, _compiled_step(model), reps)
     roofline = weight_bytes_per_token(model.config) / stream_bandwidth()
     return dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
+
+
+def _decode_config(quick):
+    """The decode rows' model (and llama.cpp's GGUF of it); --quick: a 2-layer, d 64 one."""
+    return dict(d_model=64, n_layers=2, n_heads=2, context=64) if quick else DECODE_CONFIG
 
 
 PROMPT = list(range(8))  # every decode row restarts from this prompt when the cache is full
@@ -420,14 +428,18 @@ def llama_row(binary, quick, ours_seconds, tokens=64):
 
     from .gguf import write_gguf
 
-    base = dict(DECODE_CONFIG, d_model=64, n_layers=2, n_heads=2) if quick else DECODE_CONFIG
+    base = _decode_config(quick)
     model = _gpt(dict(base, bits=1.58, ffn_act="silu"), "numpy")  # llama's FFN, same shapes
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.gguf")
         write_gguf(model.params_dict(), model.config, [chr(32 + i) for i in range(65)], path)
+        # llama.cpp's OpenMP pool runs under the user's environment, not the PASSIVE wait
+        # policy minisparse sets for its own pools (sleeping at every barrier cost it ~4x)
+        env = {k: v for k, v in os.environ.items() if k not in SET_BY_US}
         out = subprocess.run([binary, "-m", path, "-p", "0", "-n", str(tokens), "-t",
                               str(numba.get_num_threads()), "-r", "2" if quick else "5",
-                              "-o", "json"], capture_output=True, text=True, timeout=600)
+                              "-o", "json"], capture_output=True, text=True, timeout=600,
+                             env=env)
     if out.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
     runs = [r for r in json.loads(out.stdout) if r.get("n_gen", 0) > 0]
