@@ -11,7 +11,7 @@ from strategies import float_arrays
 from minisparse.calibrate import collect_inputs
 from minisparse.generate import compiled_decoder, generate
 from minisparse.kernels import pack_model, topk_indices, unpack_model
-from minisparse.kernels.decode import _quantize, _top_codes, decoder_for
+from minisparse.kernels.decode import Decoder, _quantize, _top_codes, decoder_for
 from minisparse.model import GPT, GPTConfig, KVCache
 from minisparse.quant import absmax_quantize
 from minisparse.sparsity import calibrate_threshold
@@ -62,6 +62,20 @@ def test_greedy_generation_equals_the_engine(level, extra):
     assert compiled_decoder(model) is None
     slow = generate(model, [1, 2, 3], 30, temperature=0)
     assert fast == slow
+
+
+@pytest.mark.parametrize("extra", CONFIGS)
+def test_two_workers_equal_one_bit_for_bit(level, extra):
+    # the shared tiles are computed by the same code whichever worker claims them, and every
+    # worker computes the rest itself: the logits may not differ in a single bit
+    model = _model(**extra)
+    one, two = Decoder(model, workers=1), Decoder(model, workers=2)
+    tokens = np.random.default_rng(6).integers(0, model.config.vocab_size, 12)
+    np.testing.assert_array_equal(two.prefill(tokens[:5]), one.prefill(tokens[:5]))
+    for t in tokens[5:]:
+        np.testing.assert_array_equal(two.step(t), one.step(t))
+    np.testing.assert_array_equal(two.k_cache[0], one.k_cache[0])
+    np.testing.assert_array_equal(two.k_cache[1], one.k_cache[0])
 
 
 def test_the_test_models_thresholds_are_positive():

@@ -14,7 +14,17 @@ rounding boundary (SPEC 3), by one code.
 Per token the fixed costs are paid per *input*, not per weight: q, k and v read one input, so
 it is quantized, its kept inputs chosen and paired once, and their codes sit side by side (one
 kept input is one run of 3 Q bytes); likewise up and gate. Scratch buffers are allocated once
-per call. MoE configs get ``decoder_for(model) is None`` and keep the engine path. The SIMD
+per call. MoE configs get ``decoder_for(model) is None`` and keep the engine path.
+
+Two cores, one parallel region per call (waking a thread pool costs 40-75 us, a whole layer's
+work here): each worker runs the whole forward, the cheap sequential parts redundantly in its
+own scratch and its own copy of the KV cache, and the expensive stages (the products' column
+tiles, the heads' attention, the GLU's tanh) are split by claiming: a worker takes the next
+tile of a stage with an atomic counter, writes its outputs to a buffer of that stage and counts
+it done, and before reading the stage's output spins until every tile is done. A worker alone
+does every tile, so no schedule can deadlock (a waiting worker only waits for tiles a running
+worker holds), and a tile is computed by the same code whoever claims it: one or two workers
+give bit-equal logits. Small models keep one worker (``WORKERS_FROM``). The SIMD
 level of the ternary products is a compile-time constant (``width``: 0 portable, 32 AVX2, 64
 AVX-512), so a CPU without AVX2 never compiles the intrinsics.
 """
@@ -24,42 +34,89 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import errors
 from numba.extending import overload
 
 from ..sparsity import k_for
-from .simd import _gemv_serial, simd_level
+from .atomics import atomic_add, atomic_load
+from .simd import _pairs, _scatter, _tiles, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
 from .ternary import _ternary_serial, prefetch
 from .topk import _row_indices
 
 
-def _ternary_product(width, q, idx, codes, d_out):
-    """int32 [d_out] = Σ_{i in idx} q_i t_oi (a stub: the compiled versions are below)."""
+def _ternary_tiles(width, q, idx, codes, y, sync, slot):
+    """y[:4 Q] int32 = Σ_{i in idx} q_i t_oi for codes [D_in, Q], the tiles this worker claims
+    (see ``_claim``); returns the number of tiles (a stub: the compiled versions are below)."""
     raise NotImplementedError("compiled only")
 
 
-@overload(_ternary_product, prefer_literal=True)
-def _ternary_product_impl(width, q, idx, codes, d_out):
+@overload(_ternary_tiles, prefer_literal=True)
+def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot):
     if not isinstance(width, types.IntegerLiteral):  # the caller retries with the literal
-        raise errors.RequireLiteralValue("_ternary_product: width must be a constant")
+        raise errors.RequireLiteralValue("_ternary_tiles: width must be a constant")
     w = width.literal_value
-    if w == 0:
-        def portable(width, q, idx, codes, d_out):
-            return _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16), d_out)
+    if w == 0:  # the portable kernel: the whole product is one tile
+        def portable(width, q, idx, codes, y, sync, slot):
+            if _claim(sync, slot) == 0:
+                cols = codes.shape[1]
+                y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16),
+                                               4 * cols)
+                _release(sync, slot)
+            return 1
         return portable
     if w == 32:
-        def avx2(width, q, idx, codes, d_out):
-            return _gemv_serial(32, q, idx, codes, d_out, _lane_table(32))
+        def avx2(width, q, idx, codes, y, sync, slot):
+            return _simd_tiles(32, q, idx, codes, y, sync, slot)
         return avx2
     if w == 64:  # 64-byte tiles need Q % 64 == 0, else the AVX2 tiles (as simd_gemv_int)
-        def avx512(width, q, idx, codes, d_out):
+        def avx512(width, q, idx, codes, y, sync, slot):
             if codes.shape[1] % 64 == 0:
-                return _gemv_serial(64, q, idx, codes, d_out, _lane_table(64))
-            return _gemv_serial(32, q, idx, codes, d_out, _lane_table(32))
+                return _simd_tiles(64, q, idx, codes, y, sync, slot)
+            return _simd_tiles(32, q, idx, codes, y, sync, slot)
         return avx512
     return None
+
+
+@njit(cache=True, inline="always")
+def _claim(sync, slot):
+    """The next unclaimed tile of product ``slot`` (sync[0] [2 S] int64: claimed, then done)."""
+    return atomic_add(sync[0], slot, 1)
+
+
+@njit(cache=True, inline="always")
+def _release(sync, slot):
+    """One more tile of product ``slot`` is written (its stores published before the count)."""
+    atomic_add(sync[0], sync[0].shape[0] // 2 + slot, 1)
+
+
+@njit(cache=True, inline="always")
+def _wait(sync, slot, n_tiles):
+    """Spin until all n_tiles of product ``slot`` are written. Only tiles already claimed by a
+    running worker can be missing (a worker claims tiles until none is left), so this never
+    waits for a worker that has not started: no deadlock under any schedule."""
+    done = sync[0].shape[0] // 2 + slot
+    while atomic_load(sync[0], done) < n_tiles:
+        pass
+
+
+@njit(cache=True, inline="always")
+def _simd_tiles(width, q, idx, codes, y, sync, slot):
+    # simd._gemv_serial's tiles, each computed by whichever worker claims it
+    rows, xpairs, q_sum = _pairs(q, idx)
+    cols = codes.shape[1]
+    n_tiles = cols // width
+    lanes = _lane_table(width)
+    sums = np.empty((n_tiles, 4 * width), np.int32)
+    scratch = np.empty(4 * width, np.int16)
+    t = _claim(sync, slot)
+    while t < n_tiles:
+        _tiles(width, codes, rows, xpairs, t, t + 1, scratch, sums)
+        _scatter(sums[t], t * width, width, cols, q_sum, lanes, 4 * cols, y)
+        _release(sync, slot)
+        t = _claim(sync, slot)
+    return n_tiles
 
 
 @njit(cache=True, inline="always")
@@ -85,6 +142,8 @@ def _rmsnorm(x, g, eps):
 
 # How a projection chooses its kept inputs (a compile-time-free int, one per model)
 ALL, TOPK, BLOCK, THRESHOLD = 0, 1, 2, 3
+FLOAT_CHUNK = 128  # outputs per shared tile of the GLU
+STAGES = 6  # shared stages per block and position: q k v, attention, o, up gate, GLU, down
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
 
 
@@ -189,11 +248,13 @@ def _l2_factor(a, kept):
 
 
 @njit(cache=True, inline="always")
-def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs):
+def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync, slot):
     """outs[m, :D_out] = SPEC 5 for one token x [D_in] and each weight m of a group that reads
     the same input (q, k, v; up, gate): A(x), the kept inputs and r found once for all of them.
     Ternary when codes [D_in, n Q] has rows (the group's codes side by side: one kept row is
-    n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M)."""
+    n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M).
+    The product itself is shared: its tiles go to the workers that claim them (product
+    ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B))."""
     q8, a, idx = scratch
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
@@ -210,9 +271,16 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs):
     kept = idx[:count]
     r = _l2_factor(ax, kept) if l2 else np.float32(1)
     if not ternary:
+        y = sync[2][slot % sync[2].shape[0]]
+        m = _claim(sync, slot)
+        while m < n_mats:  # a tile: one weight (sparse_matmul's kernel, whole rows)
+            y[m * d_out:(m + 1) * d_out] = _float_gemv(x, kept, wt[m])
+            _release(sync, slot)
+            m = _claim(sync, slot)
+        _wait(sync, slot, n_mats)
         for m in range(n_mats):
-            y = _float_gemv(x, kept, wt[m])
-            outs[m, :d_out] = y * r if l2 else y
+            for o in range(d_out):
+                outs[m, o] = y[m * d_out + o] * r if l2 else y[m * d_out + o]
         return
     # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
     # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
@@ -221,7 +289,8 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs):
         row = codes[i]
         for j in range(0, cols, 64):
             prefetch(row, j)
-    acc = _ternary_product(width, q, kept, codes, 4 * cols)
+    acc = sync[1][slot % sync[1].shape[0]]
+    _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot))
     cols_m = cols // n_mats
     for m in range(n_mats):
         div = np.float64(s * np.float32(scales[m]))  # acc / (s_x s_w) in float64, as NumPy
@@ -253,10 +322,11 @@ def _attend(qh, keys, values, n, out):
 
 
 @njit(cache=True, inline="always")
-def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs):
+def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, slot):
     """Block ``layer`` for one position: x [d] updated in place; k_cache / v_cache
     [L, H, T, dh] get the position's keys and values. The four groups of projections (q k v,
-    o, up gate, down) are ``model``'s codes / wts [layer] (see ``Decoder``)."""
+    o, up gate, down) are ``model``'s codes / wts [layer] (see ``Decoder``). Shared stages
+    slot .. slot + STAGES - 1: the products, the heads' attention, the GLU."""
     norms, codes, wts, scales, taus, cos, sin, n_heads, sparse, l2, relu2, eps = model
     d = x.shape[0]
     dh = d // n_heads
@@ -266,43 +336,62 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs):
     sc = scales[layer]
     h = _rmsnorm(x, norms[layer, 0], eps)
     _products(width, h, codes[0][layer], wts[0][layer], sc[0:3], sparse[0], taus[layer, 0], l2,
-              scratch, outs)
+              scratch, outs, sync, slot)
     q, kk, v = outs[0], outs[1], outs[2]
-    qh = np.empty(dh, np.float32)
-    att_out = np.empty(d, np.float32)
-    for hd in range(n_heads):
+    for hd in range(n_heads):  # every worker fills its own cache
         o = hd * dh
         for j in range(dh):  # RoPE, half-split: rotate_half([x1, x2]) = [-x2, x1]
-            partner = -q[o + j + half] if j < half else q[o + j - half]
             kpartner = -kk[o + j + half] if j < half else kk[o + j - half]
             k_cache[layer, hd, pos, j] = kk[o + j] * cos[pos, j] + kpartner * sin[pos, j]
-            qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
             v_cache[layer, hd, pos, j] = v[o + j]
+    att_out = sync[3][(slot + 1) % sync[3].shape[0], :d]
+    qh = np.empty(dh, np.float32)
+    hd = _claim(sync, slot + 1)
+    while hd < n_heads:  # a head is a tile
+        o = hd * dh
+        for j in range(dh):
+            partner = -q[o + j + half] if j < half else q[o + j - half]
+            qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
         _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, att_out[o:o + dh])
+        _release(sync, slot + 1)
+        hd = _claim(sync, slot + 1)
+    _wait(sync, slot + 1, n_heads)
     _products(width, att_out, codes[1][layer], wts[1][layer], sc[3:4], sparse[0],
-              taus[layer, 1], l2, scratch, outs)
+              taus[layer, 1], l2, scratch, outs, sync, slot + 2)
     x += outs[0, :d]
     h = _rmsnorm(x, norms[layer, 1], eps)
     _products(width, h, codes[2][layer], wts[2][layer], sc[4:6], sparse[0], taus[layer, 2], l2,
-              scratch, outs)
+              scratch, outs, sync, slot + 3)
     u, g = outs[0, :f], outs[1, :f]
-    if relu2:
-        act = u * np.maximum(g, np.float32(0)) ** 2
-    else:
-        act = u * (g * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * g))))
+    act = sync[3][(slot + 4) % sync[3].shape[0], :f]
+    t = _claim(sync, slot + 4)
+    while t * FLOAT_CHUNK < f:  # FLOAT_CHUNK outputs of the GLU are a tile (tanh is slow)
+        for j in range(t * FLOAT_CHUNK, min(t * FLOAT_CHUNK + FLOAT_CHUNK, f)):
+            if relu2:
+                act[j] = u[j] * max(g[j], np.float32(0)) ** 2
+            else:
+                act[j] = u[j] * (g[j] * (np.float32(0.5) * (
+                    np.float32(1) + np.tanh(np.float32(0.5) * g[j]))))
+        _release(sync, slot + 4)
+        t = _claim(sync, slot + 4)
+    _wait(sync, slot + 4, (f + FLOAT_CHUNK - 1) // FLOAT_CHUNK)
     _products(width, act, codes[3][layer], wts[3][layer], sc[6:7], sparse[1], taus[layer, 3],
-              l2, scratch, outs)
+              l2, scratch, outs, sync, slot + 5)
     x += outs[0, :d]
 
 
 @njit(cache=True)
-def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
-    """Logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
-    ones. Layer by layer, every position through a block before the next block: the block's
-    weights stay in cache over the T positions (the reuse a GEMM gets), and position t reads
-    the keys / values of positions <= t of the same layer, already written (causal)."""
+def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits):
+    """logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
+    ones, as one worker computes them. Layer by layer, every position through a block before
+    the next block: the block's weights stay in cache over the T positions (the reuse a GEMM
+    gets), and position t reads the keys / values of positions <= t of the same layer, already
+    written (causal). Everything but the products runs in this worker's own scratch and KV
+    cache (every worker computes the same values); stage s of (r, layer) is shared slot
+    STAGES (r L + layer) + s."""
     n = tokens.shape[0]
     norms, eps = model[0], model[-1]
+    n_layers = norms.shape[0]
     widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
     # scratch of every projection, allocated once per call: codes, A(x), kept positions;
     # outputs of up to three weights
@@ -312,13 +401,57 @@ def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     x = np.empty((n, tok_emb.shape[1]), np.float32)
     for r in range(n):
         x[r] = tok_emb[tokens[r]]
-    for layer in range(norms.shape[0]):
+    for layer in range(n_layers):
         for r in range(n):
-            _block(width, layer, pos0 + r, x[r], model, k_cache, v_cache, scratch, outs)
-    logits = np.empty((n, tok_emb.shape[0]), np.float32)
+            _block(width, layer, pos0 + r, x[r], model, k_cache, v_cache, scratch, outs, sync,
+                   STAGES * (r * n_layers + layer))
     for r in range(n):
         logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps)
-    return logits
+
+
+@njit(parallel=True, cache=True)
+def _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits):
+    # The call's one parallel region (a thread wake-up costs 40-75 us here): every worker runs
+    # the whole forward; only the products' tiles are divided, by claiming (see _wait).
+    # A parallel loop takes arrays and numbers, not tuples: the model goes in piece by piece
+    # and is put together again inside.
+    norms, codes, wts, scales, taus, cos, sin, n_heads, sparse, l2, relu2, eps = model
+    c0, c1, c2, c3 = codes
+    w0, w1, w2, w3 = wts
+    (sel0, k0, n0, m0), (sel1, k1, n1, m1) = sparse
+    counters, ints, floats, vectors = sync
+    for w in prange(k_cache.shape[0]):
+        parts = (norms, (c0, c1, c2, c3), (w0, w1, w2, w3), scales, taus, cos, sin, n_heads,
+                 ((sel0, k0, n0, m0), (sel1, k1, n1, m1)), l2, relu2, eps)
+        _worker(width, tokens, pos0, tok_emb, final_norm, parts, k_cache[w], v_cache[w],
+                (counters, ints, floats, vectors), logits[w])
+
+
+@njit(cache=True)
+def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+    """Logits [T, V] of ``tokens`` [T] after the cached positions, computed by
+    k_cache.shape[0] workers (each with its own copy of the KV cache [W, L, H, T, dh]), in
+    one parallel region when there are several, the bare worker when there is one."""
+    n, n_workers = tokens.shape[0], k_cache.shape[0]
+    codes, wts = model[1], model[2]
+    n_slots = STAGES * n * codes[0].shape[0]
+    counters = np.empty(2 * n_slots, np.int64)  # claimed, then done, per product
+    for i in range(2 * n_slots):  # not np.zeros: in _spread it would be a parallel region
+        counters[i] = 0
+    # outputs of every product; one worker reads each right after writing it, so one row per
+    # group will do, several must keep all (a fast worker may be a whole product ahead)
+    rows = n_slots if n_workers > 1 else STAGES
+    n_int = max([4 * c.shape[2] for c in codes])
+    n_float = max([w.shape[1] * w.shape[3] if w.shape[2] else 0 for w in wts])
+    sync = (counters, np.empty((rows, n_int), np.int32), np.empty((rows, n_float), np.float32),
+            np.empty((rows, max(tok_emb.shape[1], wts[2].shape[3])), np.float32))
+    logits = np.empty((n_workers, n, tok_emb.shape[0]), np.float32)
+    if n_workers == 1:
+        _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache[0], v_cache[0], sync,
+                logits[0])
+    else:
+        _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits)
+    return logits[0]
 
 
 # One cached entry per SIMD level, each passing its width as a literal (a new process then
@@ -338,6 +471,10 @@ def _forward_avx512(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     return _forward(64, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
+# Projection weights from which Decoder uses two workers: measured per token (1 -> 2 workers)
+# 0.13 -> 0.15 ms at d 128, 4 layers (0.8M) ternary + sparse, 0.46 -> 0.39 ms at d 256,
+# 8 layers (6M), 2.5 -> 1.9 ms at the bench's d 512, 16 layers (48M)
+WORKERS_FROM = 3_000_000
 _ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 _GROUPS = ((0, 3), (3, 4), (4, 6), (6, 7))  # _KINDS that read one input: q k v, o, up gate, down
@@ -352,7 +489,7 @@ class Decoder:
     n Q contiguous bytes: one stream for q, k and v instead of three); float weights are
     wts[g] [L, n, D_in, D_out] (for ternary models empty but for D_out)."""
 
-    def __init__(self, model):
+    def __init__(self, model, workers=None):
         c = model.config
         self.config = c
         p = dict(model.named_parameters())
@@ -384,7 +521,11 @@ class Decoder:
                        for d in (c.d_model, c.ffn_hidden))
         self._model = (norms, codes, wts, self.scales, taus, model.rope_cos, model.rope_sin,
                        c.n_heads, sparse, c.rescale == "l2", c.ffn_act == "relu2", c.norm_eps)
-        shape = (c.n_layers, c.n_heads, c.context, c.d_head)
+        if workers is None:  # a second worker pays off on larger models only (see WORKERS_FROM)
+            big = c.n_layers * (4 * c.d_model + 3 * c.ffn_hidden) * c.d_model >= WORKERS_FROM
+            workers = min(2, get_num_threads()) if big else 1
+        # one KV cache per worker (each writes its own; they stay equal)
+        shape = (workers, c.n_layers, c.n_heads, c.context, c.d_head)
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.length = 0
         self._entry = _ENTRY[simd_level()]
