@@ -40,7 +40,7 @@ from numba.extending import overload
 
 from ..sparsity import k_for
 from .atomics import atomic_add, atomic_load
-from .simd import _pairs, _scatter, _tiles, simd_level
+from .simd import _pairs, _scatter, _tiles, lane_bytes, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
 from .ternary import _ternary_serial, prefetch
 from .topk import _row_indices
@@ -107,7 +107,7 @@ def _simd_tiles(width, q, idx, codes, y, sync, slot):
     rows, xpairs, q_sum = _pairs(q, idx)
     cols = codes.shape[1]
     n_tiles = cols // width
-    lanes = _lane_table(width)
+    lanes = lane_bytes(width)
     sums = np.empty((n_tiles, 4 * width), np.int32)
     scratch = np.empty(4 * width, np.int16)
     t = _claim(sync, slot)
@@ -117,17 +117,6 @@ def _simd_tiles(width, q, idx, codes, y, sync, slot):
         _release(sync, slot)
         t = _claim(sync, slot)
     return n_tiles
-
-
-@njit(cache=True, inline="always")
-def _lane_table(width):
-    # simd.lane_bytes(width) rebuilt in compiled code (a constant small table)
-    half = width // 2
-    lanes = np.empty((2, half), np.int64)
-    for h in range(2):
-        for lane in range(half):
-            lanes[h, lane] = 16 * (lane >> 3) + 8 * h + (lane & 7)
-    return lanes
 
 
 @njit(cache=True, inline="always")

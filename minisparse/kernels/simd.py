@@ -67,14 +67,16 @@ def simd_level() -> str:
     return forced
 
 
-def lane_bytes(width: int) -> np.ndarray:
+@njit(cache=True)
+def lane_bytes(width):
     """int [2, width // 2]: the code byte of the tile behind lane l of an (any plane, half h)
     accumulator, after vpunpck{l,h}bw (which interleaves inside 128-bit lanes)."""
-    lanes = np.arange(width // 2)
-    return np.stack([16 * (lanes >> 3) + 8 * h + (lanes & 7) for h in (0, 1)])
-
-
-_LANES = {w: lane_bytes(w) for w in (32, 64)}
+    half = width // 2
+    lanes = np.empty((2, half), np.int64)
+    for h in range(2):
+        for lane in range(half):
+            lanes[h, lane] = 16 * (lane >> 3) + 8 * h + (lane & 7)
+    return lanes
 
 
 def _tile_codegen(width):
@@ -261,27 +263,27 @@ def simd_gemv_int(q, idx, codes, d_out, level, parts=1):
     # these entry points pass it as a literal, one compiled (and cached) kernel per width.
     width = 64 if level == "avx512" and codes.shape[1] % 64 == 0 else 32
     entry = (_ENTRY_64 if width == 64 else _ENTRY_32)[parts > 1]
-    return entry(q, idx, codes, d_out, _LANES[width], parts)
+    return entry(q, idx, codes, d_out, parts)
 
 
 @njit(cache=True)
-def _serial_32(q, idx, codes, d_out, lanes, parts):
-    return _gemv_serial(32, q, idx, codes, d_out, lanes)
+def _serial_32(q, idx, codes, d_out, parts):
+    return _gemv_serial(32, q, idx, codes, d_out, lane_bytes(32))
 
 
 @njit(cache=True)
-def _serial_64(q, idx, codes, d_out, lanes, parts):
-    return _gemv_serial(64, q, idx, codes, d_out, lanes)
+def _serial_64(q, idx, codes, d_out, parts):
+    return _gemv_serial(64, q, idx, codes, d_out, lane_bytes(64))
 
 
 @njit(cache=True)
-def _parallel_32(q, idx, codes, d_out, lanes, parts):
-    return _gemv_parallel(32, q, idx, codes, d_out, lanes, parts)
+def _parallel_32(q, idx, codes, d_out, parts):
+    return _gemv_parallel(32, q, idx, codes, d_out, lane_bytes(32), parts)
 
 
 @njit(cache=True)
-def _parallel_64(q, idx, codes, d_out, lanes, parts):
-    return _gemv_parallel(64, q, idx, codes, d_out, lanes, parts)
+def _parallel_64(q, idx, codes, d_out, parts):
+    return _gemv_parallel(64, q, idx, codes, d_out, lane_bytes(64), parts)
 
 
 _ENTRY_32, _ENTRY_64 = (_serial_32, _parallel_32), (_serial_64, _parallel_64)
