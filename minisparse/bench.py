@@ -4,8 +4,9 @@ Each comparison is warmed up, then baseline and candidate run in alternating rep
 machine is shared and noisy) and the medians are compared: ratio = baseline time / ours.
 Numba's OpenMP pool and OpenBLAS's pool both spin after a call by default; on 2 cores each then
 steals the other's cores and both timings turn to noise. Importing minisparse asks both to sleep
-when idle (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, unless set by the user); the
-table's header shows the settings in force.
+when idle, OpenMP's after a short spin (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=30000,
+OPENBLAS_THREAD_TIMEOUT=4, unless set by the user; PyTorch's own OpenMP pool reads them too);
+the table's header shows the settings in force.
 
 Whole-model rows (decode, training) run with OpenBLAS on one thread for both minisparse
 backends: their many small matmuls lose more to waking a second BLAS thread than they gain.
@@ -139,7 +140,8 @@ def _all_rows(quick, reps, out=sys.stdout, llama=None):
 
 def _print_header(out):
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                          "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+                                          "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                          "OPENBLAS_THREAD_TIMEOUT")}
     print(f"# numpy {np.__version__}, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS}"
           f" threads), {os.cpu_count()} cpus; ternary SIMD level {simd_level()}; env {env}",
           file=out)
