@@ -11,7 +11,9 @@ from strategies import float_arrays
 from minisparse.calibrate import collect_inputs
 from minisparse.generate import compiled_decoder, generate
 from minisparse.kernels import pack_model, topk_indices, unpack_model
-from minisparse.kernels.decode import Decoder, _quantize, _top_codes, decoder_for
+from minisparse.kernels.decode import Decoder, decoder_for
+from minisparse.kernels.token import quantize as _quantize
+from minisparse.kernels.token import top_codes as _top_codes
 from minisparse.model import GPT, GPTConfig, KVCache
 from minisparse.quant import absmax_quantize
 from minisparse.sparsity import calibrate_threshold

@@ -261,6 +261,29 @@ def test_packed_decode_equals_reference(bits, rescale, sparsity, sparse_inputs):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from(["all", "topk", "threshold"]), st.sampled_from(["none", "l2"]),
+       st.booleans(), st.integers(0, 2**32 - 1))
+def test_packed_ternary_gemv_equals_the_oracle(d_in, dtype, rule, rescale, sparse_inputs, seed):
+    # one token through PackedLinear.gemv: float32 takes the compiled token path (token.py),
+    # other dtypes the NumPy one; both equal SPEC 5 on any width, either layout, any rule
+    from minisparse import oracle
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(d_in).astype(dtype)
+    w = rng.standard_normal((int(rng.integers(1, 40)), d_in)).astype(dtype)
+    k = int(rng.integers(1, d_in + 1)) if rule == "topk" else None
+    tau = np.array(0.5, dtype) if rule == "threshold" else None
+    rescale = "none" if tau is not None else rescale  # SPEC 11: a threshold keeps r = 1
+    got = kernels.pack_linear(w, 1.58, sparse_inputs).gemv(x, k, rescale, tau)
+    kw = dict(k=k, tau=tau, rescale=rescale)
+    want = oracle.sparse_linear_forward(x[None], w, bits=1.58, **kw)[0]
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=2e-6 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-12)
+
+
 def test_pack_model_decodes_like_the_reference():
     model_mod = pytest.importorskip("minisparse.model")
     config = model_mod.GPTConfig(vocab_size=11, context=8, d_model=16, n_layers=1, n_heads=2,

@@ -43,7 +43,7 @@ from .atomics import atomic_add, atomic_load
 from .simd import _pairs, _scatter, _tiles, lane_bytes, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
 from .ternary import _ternary_serial, prefetch
-from .topk import _row_indices
+from .token import ALL, BLOCK, THRESHOLD, TOPK, l2_factor, rescale_sums, select, ternary_inputs
 
 
 def _ternary_tiles(width, q, idx, codes, y, sync, slot):
@@ -129,111 +129,8 @@ def _rmsnorm(x, g, eps):
     return (x * r) * g
 
 
-# How a projection chooses its kept inputs (a compile-time-free int, one per model)
-ALL, TOPK, BLOCK, THRESHOLD = 0, 1, 2, 3
 FLOAT_CHUNK = 128  # outputs per shared tile of the GLU
 STAGES = 6  # shared stages per block and position: q k v, attention, o, up gate, GLU, down
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
-
-
-@njit(cache=True, inline="always")
-def _quantize(x, q):
-    """SPEC 3 for one token x [D] float32: q[:] = clip(rint(x s), -128, 127), returns s =
-    127 / max(max|x|, 1e-5) -- ternary._absmax_row's operations, in loops that vectorise
-    (1.7 us -> ~0.15 us at D = 512; a decode step does 64 of them): max|x| as the largest
-    sign-cleared bit pattern (ordered like the value for floats >= 0; an integer max, where a
-    float max is a chain of compares), rint as (y + M) - M in float32 (round-half-to-even,
-    exact for |y| < 2^22; here |y| <= 127)."""
-    bits = x.view(np.int32)
-    top = np.int32(0)
-    for j in range(bits.shape[0]):
-        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
-    s = np.float32(127) / max(np.int32(top).view(np.float32), np.float32(1e-5))
-    for j in range(x.shape[0]):
-        r = (x[j] * s + _MAGIC) - _MAGIC
-        q[j] = np.int8(np.int32(min(max(r, np.float32(-128)), np.float32(127))))
-    return s
-
-
-@njit(cache=True, inline="always")
-def _top_codes(q, k, idx):
-    """idx[:k] = the ascending positions of the k largest |q| of int8 codes q (SPEC 1: ties to
-    the lower index). |q| is in [0, 128]: a binary search over it, each step one vectorised
-    count of #{|q| >= v}, finds the k-th largest t; then everything above t is kept, and the
-    first entries equal to t."""
-    t, step = 0, 128
-    while step:  # the largest t with #{|q| >= t} >= k
-        v, count = t + step, 0
-        for j in range(q.shape[0]):
-            count += abs(np.int32(q[j])) >= v
-        if count >= k:
-            t = v
-        step //= 2
-    above = 0
-    for j in range(q.shape[0]):
-        above += abs(np.int32(q[j])) > t
-    last, ties = -1, k - above  # the entries equal to t that get in: up to position last
-    while ties:
-        last += 1
-        ties -= abs(np.int32(q[last])) == t
-    n = 0
-    for j in range(q.shape[0]):  # branch-free: half the entries are kept, at random
-        a = abs(np.int32(q[j]))
-        idx[n] = j
-        n += (a > t) | ((a == t) & (j <= last))
-    return n
-
-
-@njit(cache=True, inline="always")
-def _select(a, q, sel, k, block_n, block_m, tau, idx):
-    """How many inputs of a [D] (float32, A(x)) are kept, their ascending positions in idx:
-    all, the top-k |a| (SPEC 1; on the codes q when given, the same order), the block_n
-    largest of each block_m (SPEC 2, ties to the lower index), or |a| > tau (SPEC 11)."""
-    d = a.shape[0]
-    if sel == TOPK and k < d:
-        if q.shape[0] > 0:
-            return _top_codes(q, k, idx)
-        kept = _row_indices(a, a.view(np.int32), 31, k)
-        idx[:k] = kept
-        return k
-    n = 0
-    if sel == BLOCK:
-        for b in range(0, d, block_m):
-            for j in range(b, b + block_m):
-                before = 0  # entries ahead of j in (-|a|, index) order
-                for i in range(b, b + block_m):
-                    before += abs(a[i]) > abs(a[j]) or (abs(a[i]) == abs(a[j]) and i < j)
-                if before < block_n:
-                    idx[n] = j
-                    n += 1
-        return n
-    for j in range(d):
-        if sel != THRESHOLD or abs(a[j]) > tau:
-            idx[n] = j
-            n += 1
-    return n
-
-
-@njit(cache=True, inline="always")
-def _l2_factor(a, kept):
-    """SPEC 1's r = ||a|| / max(||a ⊙ M||, 1e-12) as sparsity._rescale_factor computes it: both
-    norms of a / max|a| (no overflow), in float32."""
-    m = np.float32(0)
-    for j in range(a.shape[0]):
-        m = max(m, abs(a[j]))
-    div = m if m > 0 else np.float32(1)
-    total = np.float32(0)
-    for j in range(a.shape[0]):
-        u = a[j] / div
-        total += u * u
-    part = np.float32(0)
-    for j in kept:
-        u = a[j] / div
-        part += u * u
-    norm, kept_norm = np.sqrt(total), np.sqrt(part)
-    if m * kept_norm < np.float32(1e-12):
-        return m * norm / np.float32(1e-12)
-    return norm / kept_norm
 
 
 @njit(cache=True, inline="always")
@@ -247,18 +144,14 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     q8, a, idx = scratch
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
-    q = q8[:d_in] if ternary else q8[:0]
+    q = q8[:d_in]
     sel, k, block_n, block_m = sparse
-    s = np.float32(1)
     if ternary:
-        s = _quantize(x, q)
-        if sel == BLOCK or sel == THRESHOLD or l2:  # top-K (or all) needs only the codes
-            for j in range(d_in):  # A(x) = q / s, as the reference
-                a[j] = np.float32(q[j]) / s
-    ax = a[:d_in] if ternary else x  # A(x): the float path has no quantizer
-    count = _select(ax, q, sel, k, block_n, block_m, tau, idx)
+        s, count, r = ternary_inputs(x, sel, k, block_n, block_m, tau, l2, q, a[:d_in], idx)
+    else:  # A(x) = x: the float path has no quantizer
+        s, count = np.float32(1), select(x, q8[:0], sel, k, block_n, block_m, tau, idx)
+        r = l2_factor(x, idx[:count]) if l2 else np.float32(1)
     kept = idx[:count]
-    r = _l2_factor(ax, kept) if l2 else np.float32(1)
     if not ternary:
         y = sync[2][slot % sync[2].shape[0]]
         m = _claim(sync, slot)
@@ -285,10 +178,8 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
         div = np.float64(s * np.float32(scales[m]))  # acc / (s_x s_w) in float64, as NumPy
         for plane in range(4):
             n = min(cols_m, d_out - plane * cols_m)
-            src = acc[plane * cols + m * cols_m:plane * cols + m * cols_m + n]
-            dst = outs[m, plane * cols_m:plane * cols_m + n]
-            for b in range(n):
-                dst[b] = np.float32(src[b] / div) * r
+            start = plane * cols + m * cols_m
+            rescale_sums(acc[start:start + n], div, r, outs[m, plane * cols_m:plane * cols_m + n])
 
 
 @njit(cache=True, fastmath=True)

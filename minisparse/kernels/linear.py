@@ -35,6 +35,7 @@ from ..tensor import Tensor
 from .simd import simd_level
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
 from .ternary import PackedTernary, pack_ternary, quantize_rows, ternary_gemv_int
+from .token import ALL, THRESHOLD, TOPK, token_inputs, token_outputs
 from .topk import topk_indices, topk_select
 
 SPARSE_PRODUCT_MAX_DENSITY = 0.1  # below this kept fraction the sparse kernels beat BLAS
@@ -159,11 +160,20 @@ class PackedLinear:
             idx = _kept(x, k, tau)
             y = sparse_gemv(x, idx, self.wt)
             return y * _row_rescale(x, idx, rescale)
+        if x.dtype == np.float32:  # one compiled call before the product, one after
+            sel = THRESHOLD if tau is not None else TOPK if k is not None else ALL
+            d = x.shape[0]
+            q, a, idx = np.empty(d, np.int8), np.empty(d, np.float32), np.empty(d, np.int64)
+            s, count, r = token_inputs(np.ascontiguousarray(x), sel, d if k is None else k,
+                                       np.float32(0 if tau is None else tau), rescale == "l2",
+                                       q, a, idx)
+            acc = ternary_gemv_int(q, idx[:count], self.ternary)  # exact integers (SPEC 5)
+            return token_outputs(acc, s, self.ternary.scale, r)
         q, s = quantize_rows(x[None])  # SPEC 3; the mask of q equals the mask of q / s
         q, s = q[0], s[0, 0]
         a = q / s
         idx = _kept(a, k, tau) if tau is not None else _kept(q.astype(np.float32), k, None)
-        acc = ternary_gemv_int(q, idx, self.ternary)  # exact integers (SPEC 5)
+        acc = ternary_gemv_int(q, idx, self.ternary)
         return (acc / (s * x.dtype.type(self.ternary.scale))).astype(x.dtype) \
             * _row_rescale(a, idx, rescale)
 

@@ -1,0 +1,154 @@
+"""One token's side of a packed product, in compiled loops: the int8 codes (SPEC 3), the kept
+inputs (top-K, SPEC 1; N:M blocks, SPEC 2; |A(x)| > tau, SPEC 11), SPEC 1's l2 factor, and
+the int32 sums turned back into floats (SPEC 5). ``PackedLinear.gemv`` and the compiled decode
+step (``decode.py``) both use them; each equals the NumPy reference operation for operation
+(tested in tests/test_decode.py), in loops that vectorise where the NumPy path pays a
+temporary array or a Python call per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .topk import _row_indices
+
+# How a projection chooses its kept inputs (an int, so one compiled function serves them all)
+ALL, TOPK, BLOCK, THRESHOLD = 0, 1, 2, 3
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
+
+
+@njit(cache=True, inline="always")
+def quantize(x, q):
+    """SPEC 3 for one token x [D] float32 (C order): q[:] = clip(rint(x s), -128, 127), returns
+    s = 127 / max(max|x|, 1e-5) -- ternary._absmax_row's operations, in loops that vectorise
+    (1.7 us -> ~0.15 us at D = 512): max|x| as the largest sign-cleared bit pattern (ordered
+    like the value for floats >= 0; an integer max, where a float max is a chain of compares),
+    rint as (y + M) - M in float32 (round-half-to-even, exact for |y| < 2^22; here |y| <= 127)."""
+    bits = x.view(np.int32)
+    top = np.int32(0)
+    for j in range(bits.shape[0]):
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    s = np.float32(127) / max(np.int32(top).view(np.float32), np.float32(1e-5))
+    for j in range(x.shape[0]):
+        r = (x[j] * s + _MAGIC) - _MAGIC
+        q[j] = np.int8(np.int32(min(max(r, np.float32(-128)), np.float32(127))))
+    return s
+
+
+@njit(cache=True, inline="always")
+def top_codes(q, k, idx):
+    """idx[:k] = the ascending positions of the k largest |q| of int8 codes q (SPEC 1: ties to
+    the lower index). |q| is in [0, 128]: a binary search over it, each step one vectorised
+    count of #{|q| >= v}, finds the k-th largest t; then everything above t is kept, and the
+    first entries equal to t."""
+    t, step = 0, 128
+    while step:  # the largest t with #{|q| >= t} >= k
+        v, count = t + step, 0
+        for j in range(q.shape[0]):
+            count += abs(np.int32(q[j])) >= v
+        if count >= k:
+            t = v
+        step //= 2
+    above = 0
+    for j in range(q.shape[0]):
+        above += abs(np.int32(q[j])) > t
+    last, ties = -1, k - above  # the entries equal to t that get in: up to position last
+    while ties:
+        last += 1
+        ties -= abs(np.int32(q[last])) == t
+    n = 0
+    for j in range(q.shape[0]):  # branch-free: half the entries are kept, at random
+        a = abs(np.int32(q[j]))
+        idx[n] = j
+        n += (a > t) | ((a == t) & (j <= last))
+    return n
+
+
+@njit(cache=True, inline="always")
+def select(a, q, sel, k, block_n, block_m, tau, idx):
+    """How many inputs of a [D] (float32, A(x)) are kept, their ascending positions in idx:
+    all, the top-k |a| (SPEC 1; on the codes q when given, the same order), the block_n
+    largest of each block_m (SPEC 2, ties to the lower index), or |a| > tau (SPEC 11)."""
+    d = a.shape[0]
+    if sel == TOPK and k < d:
+        if q.shape[0] > 0:
+            return top_codes(q, k, idx)
+        kept = _row_indices(a, a.view(np.int32), 31, k)
+        idx[:k] = kept
+        return k
+    n = 0
+    if sel == BLOCK:
+        for b in range(0, d, block_m):
+            for j in range(b, b + block_m):
+                before = 0  # entries ahead of j in (-|a|, index) order
+                for i in range(b, b + block_m):
+                    before += abs(a[i]) > abs(a[j]) or (abs(a[i]) == abs(a[j]) and i < j)
+                if before < block_n:
+                    idx[n] = j
+                    n += 1
+        return n
+    for j in range(d):
+        if sel != THRESHOLD or abs(a[j]) > tau:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True, inline="always")
+def l2_factor(a, kept):
+    """SPEC 1's r = ||a|| / max(||a ⊙ M||, 1e-12) as sparsity._rescale_factor computes it: both
+    norms of a / max|a| (no overflow), in float32."""
+    m = np.float32(0)
+    for j in range(a.shape[0]):
+        m = max(m, abs(a[j]))
+    div = m if m > 0 else np.float32(1)
+    total = np.float32(0)
+    for j in range(a.shape[0]):
+        u = a[j] / div
+        total += u * u
+    part = np.float32(0)
+    for j in kept:
+        u = a[j] / div
+        part += u * u
+    norm, kept_norm = np.sqrt(total), np.sqrt(part)
+    if m * kept_norm < np.float32(1e-12):
+        return m * norm / np.float32(1e-12)
+    return norm / kept_norm
+
+
+@njit(cache=True, inline="always")
+def ternary_inputs(x, sel, k, block_n, block_m, tau, l2, q, a, idx):
+    """(s, count, r) for one token x [D] float32 of a ternary product: q [D] = its int8
+    codes, s their scale (SPEC 3), idx[:count] the kept inputs chosen on A(x) = q / s (stored
+    in a [D] when the rule needs the values: N:M, threshold or l2), r SPEC 1's factor (1
+    unless l2). sel: ALL | TOPK | BLOCK | THRESHOLD (as ``select``)."""
+    s = quantize(x, q)
+    if sel == BLOCK or sel == THRESHOLD or l2:  # top-K (or all) needs only the codes
+        for j in range(x.shape[0]):  # A(x) = q / s, as the reference
+            a[j] = np.float32(q[j]) / s
+    count = select(a, q, sel, k, block_n, block_m, tau, idx)
+    r = l2_factor(a, idx[:count]) if l2 else np.float32(1)
+    return s, count, r
+
+
+@njit(cache=True, inline="always")
+def rescale_sums(acc, div, r, out):
+    """out[:] = float32(acc / div) * r: SPEC 5's y = Σ q t / (s_x s_w) (div = s_x s_w in
+    float64, as NumPy divides int32 by a float32 scalar) times SPEC 1's r."""
+    for b in range(out.shape[0]):
+        out[b] = np.float32(acc[b] / div) * r
+
+
+@njit(cache=True)
+def token_inputs(x, sel, k, tau, l2, q, a, idx):
+    """``ternary_inputs`` for a call from Python (no N:M: PackedLinear skips blocks)."""
+    return ternary_inputs(x, sel, k, 0, 1, tau, l2, q, a, idx)
+
+
+@njit(cache=True)
+def token_outputs(acc, s, scale, r):
+    """float32 [D_out] = acc / (s_x s_w) * r (``rescale_sums``) for a call from Python."""
+    out = np.empty(acc.shape[0], np.float32)
+    rescale_sums(acc, np.float64(s * np.float32(scale)), r, out)
+    return out
