@@ -284,6 +284,13 @@ def test_packed_ternary_gemv_equals_the_oracle(d_in, dtype, rule, rescale, spars
                                atol=1e-6 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_ternary_gemv_names_a_bad_rescale(dtype):
+    packed = kernels.pack_linear(np.ones((3, 8), np.float32), 1.58)
+    with pytest.raises(ValueError, match='rescale must be "none" or "l2", got \'L2\''):
+        packed.gemv(np.ones(8, dtype), 4, "L2")
+
+
 def test_pack_model_decodes_like_the_reference():
     model_mod = pytest.importorskip("minisparse.model")
     config = model_mod.GPTConfig(vocab_size=11, context=8, d_model=16, n_layers=1, n_heads=2,

@@ -30,7 +30,15 @@ from ..quant import (
     TernaryAbsmean,
     _absmean,  # no finiteness check: training must reach its own loss check
 )
-from ..sparsity import BlockTopK, Dense, Threshold, TopK, _rescale_factor, _threshold_mask
+from ..sparsity import (
+    BlockTopK,
+    Dense,
+    Threshold,
+    TopK,
+    _check_rescale,
+    _rescale_factor,
+    _threshold_mask,
+)
 from ..tensor import Tensor
 from .simd import simd_level
 from .sparse_matmul import pack_sparse_weights, sparse_gemm, sparse_gemv, sparse_weight_grad
@@ -165,8 +173,8 @@ class PackedLinear:
             d = x.shape[0]
             q, a, idx = np.empty(d, np.int8), np.empty(d, np.float32), np.empty(d, np.int64)
             s, count, r = token_inputs(np.ascontiguousarray(x), sel, d if k is None else k,
-                                       np.float32(0 if tau is None else tau), rescale == "l2",
-                                       q, a, idx)
+                                       np.float32(0 if tau is None else tau),
+                                       _check_rescale("sparse_linear", rescale) == "l2", q, a, idx)
             acc = ternary_gemv_int(q, idx[:count], self.ternary)  # exact integers (SPEC 5)
             return token_outputs(acc, s, self.ternary.scale, r)
         q, s = quantize_rows(x[None])  # SPEC 3; the mask of q equals the mask of q / s
