@@ -175,11 +175,11 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot))
     cols_m = cols // n_mats
     for m in range(n_mats):
-        div = np.float64(s * np.float32(scales[m]))  # acc / (s_x s_w) in float64, as NumPy
         for plane in range(4):
             n = min(cols_m, d_out - plane * cols_m)
             start = plane * cols + m * cols_m
-            rescale_sums(acc[start:start + n], div, r, outs[m, plane * cols_m:plane * cols_m + n])
+            rescale_sums(acc[start:start + n], s, scales[m], r,
+                         outs[m, plane * cols_m:plane * cols_m + n])
 
 
 @njit(cache=True, fastmath=True)

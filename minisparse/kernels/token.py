@@ -133,9 +133,11 @@ def ternary_inputs(x, sel, k, block_n, block_m, tau, l2, q, a, idx):
 
 
 @njit(cache=True, inline="always")
-def rescale_sums(acc, div, r, out):
-    """out[:] = float32(acc / div) * r: SPEC 5's y = Σ q t / (s_x s_w) (div = s_x s_w in
-    float64, as NumPy divides int32 by a float32 scalar) times SPEC 1's r."""
+def rescale_sums(acc, s, scale, r, out):
+    """out[:] = float32(acc / (s scale)) * r: SPEC 5's y = Σ q t / (s_x s_w) times SPEC 1's r,
+    the divisor s_x s_w taken in float32 and the division in float64, as NumPy divides int32
+    sums by a float32 scalar."""
+    div = np.float64(s * np.float32(scale))
     for b in range(out.shape[0]):
         out[b] = np.float32(acc[b] / div) * r
 
@@ -150,5 +152,5 @@ def token_inputs(x, sel, k, tau, l2, q, a, idx):
 def token_outputs(acc, s, scale, r):
     """float32 [D_out] = acc / (s_x s_w) * r (``rescale_sums``) for a call from Python."""
     out = np.empty(acc.shape[0], np.float32)
-    rescale_sums(acc, np.float64(s * np.float32(scale)), r, out)
+    rescale_sums(acc, s, scale, r, out)
     return out
