@@ -11,14 +11,15 @@ import os
 # OpenBLAS's and Numba's thread pools spin while idle by default; on a laptop's few cores the
 # two pools then steal each other's cores and training on small matrices runs several times
 # slower. Ask both to sleep when idle, Numba's (GNU OpenMP) after a short spin: 30,000 turns,
-# ~0.1-0.3 ms, a tenth of libgomp's own default. Waking a sleeping thread costs 40-75 us here,
-# paid by every threaded kernel call that follows a pause; with the spin, calls back to back
-# (a model's projections, decode tokens) find the thread awake (an empty parallel region: 50 ->
-# 2 us; training tokens/s unchanged). They read this when they load, so it takes effect when
-# minisparse is imported before NumPy (always so for the `minisparse` command); a user's own
-# setting wins. (threadpoolctl, used by scaling.py, can cap a pool's threads once it is loaded
-# but not set these wait policies, which the libraries read only as they load; the previous
-# measurement found sparse training 3x faster on 2 cores with them.)
+# ~0.3 ms by libgomp's own rule of thumb (100,000 per ms), a tenth of its default. Waking a
+# sleeping thread costs 40-75 us here, paid by every threaded kernel call that follows a
+# pause; with the spin, calls back to back (a model's projections, decode tokens) find the
+# thread awake (an empty parallel region: 50 -> 2 us; training tokens/s unchanged). They read
+# this when they load, so it takes effect when minisparse is imported before NumPy (always so
+# for the `minisparse` command); a user's own setting wins. (threadpoolctl, used by
+# scaling.py, can cap a pool's threads once it is loaded but not set these wait policies,
+# which the libraries read only as they load; the previous measurement found sparse training
+# 3x faster on 2 cores with them.)
 THREAD_POOL_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000",
                         "OPENBLAS_THREAD_TIMEOUT": "4"}
 SET_BY_US = tuple(name for name in THREAD_POOL_DEFAULTS if name not in os.environ)
