@@ -146,6 +146,18 @@ class TrainResult:
     signal: int | None = None  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run
     tokens_per_second: float = 0.0
 
+    def finish(self, step, history, ckpt_path, tokens, seconds) -> "TrainResult":
+        """Fill in where the run ended: ``step``, the losses of ``history``, the checkpoint
+        if one exists, and ``tokens / seconds`` of training."""
+        if self.stopped is None and self.final_val_loss is None and history["val_loss"]:
+            self.final_val_loss = history["val_loss"][-1][1]  # resumed a finished run
+        self.step = step
+        self.train_loss = list(history["train_loss"])
+        self.val_loss = [list(p) for p in history["val_loss"]]
+        self.checkpoint = ckpt_path if ckpt_path.exists() else None
+        self.tokens_per_second = tokens / seconds if seconds else 0.0
+        return self
+
 
 def evaluate(model: GPT, data: np.ndarray, rng: np.random.Generator, batches: int,
              batch: int = 12) -> float:
@@ -250,6 +262,7 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
 
     def save():
         """Write the checkpoint if the state is sane; else return why not (and write nothing)."""
+        nonlocal saved_step
         params, optimizer_state = model.state_dict(), optimizer.state_dict()
         problem = _diverged(params, optimizer_state, lambda: evaluate(
             model, data.val, np.random.default_rng(settings.eval_seed), 1, settings.batch),
@@ -259,6 +272,7 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
                 config=config, params=params, vocab=tokenizer.vocab, step=step,
                 optimizer=optimizer_state, rng_state=rng.bit_generator.state,
                 settings=settings.to_dict(), data=data_info, history=history))
+            saved_step = step
         return problem
 
     def validate(batches):
@@ -314,27 +328,27 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
             train_time += time.perf_counter() - t0
             train_tokens += x.size
             log.step(step, loss_value, train_tokens / train_time)
+            if not end_of_step(step, settings, result, validate, save, stop):
+                break
+    return result.finish(step, history, ckpt_path, train_tokens, train_time)
 
-            if step == settings.iters:
-                result.final_val_loss = validate(settings.final_eval_batches)
-            elif step % settings.eval_interval == 0:
-                validate(settings.eval_batches)
-            if step == settings.iters or step % settings.ckpt_interval == 0:
-                problem = save()
-                if problem is not None:
-                    stop(f"{problem} after step {step}")
-                    result.final_val_loss = None
-                    break
-                saved_step = step
 
-    if result.stopped is None and result.final_val_loss is None and history["val_loss"]:
-        result.final_val_loss = history["val_loss"][-1][1]  # resumed a finished run
-    result.step = step
-    result.train_loss = list(history["train_loss"])
-    result.val_loss = [list(p) for p in history["val_loss"]]
-    result.checkpoint = ckpt_path if ckpt_path.exists() else None
-    result.tokens_per_second = train_tokens / train_time if train_time else 0.0
-    return result
+def end_of_step(step, settings, result, validate, save, stop) -> bool:
+    """After ``step``, as SPEC 9's schedule says: validate every eval_interval steps (the last
+    step over final_eval_batches, into ``result``), save every ckpt_interval steps and at the
+    end. False when the checkpoint could not be written: ``stop`` has the reason, the run ends.
+    (Shared by both trainers, with their own validate / save / stop.)"""
+    if step == settings.iters:
+        result.final_val_loss = validate(settings.final_eval_batches)
+    elif step % settings.eval_interval == 0:
+        validate(settings.eval_batches)
+    if step == settings.iters or step % settings.ckpt_interval == 0:
+        problem = save()
+        if problem is not None:
+            stop(f"{problem} after step {step}")
+            result.final_val_loss = None
+            return False
+    return True
 
 
 def _check_fits_in_memory(config: GPTConfig) -> None:

@@ -47,6 +47,7 @@ from ..train import (
     _settings,
     _Signals,
     _stop_reason,
+    end_of_step,
     resolve_text,
 )
 from ..train import evaluate as engine_evaluate
@@ -127,6 +128,7 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
     def save():
         """Write the checkpoint if the state is sane; else return why not (and write nothing).
         Rank 0 checks and writes; every rank returns its verdict."""
+        nonlocal saved_step
         problem = None
         if rank == 0:
             params = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items()}
@@ -140,7 +142,10 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
                     step=step, optimizer=optimizer_state,
                     rng_state=rng.bit_generator.state, settings=settings.to_dict(),
                     data=data_info, history=history))
-        return _from_rank_0(problem, world)
+        problem = _from_rank_0(problem, world)
+        if problem is None:
+            saved_step = step
+        return problem
 
     def validate(batches):
         loss = float("nan")
@@ -202,27 +207,11 @@ def _train(rank, world, device, model_config, settings, text, data_path, out_dir
             train_time += time.perf_counter() - t0
             train_tokens += settings.batch * config.context
             log.step(step, loss_value, train_tokens / train_time)
-            if step == settings.iters:
-                result.final_val_loss = validate(settings.final_eval_batches)
-            elif step % settings.eval_interval == 0:
-                validate(settings.eval_batches)
-            if step == settings.iters or step % settings.ckpt_interval == 0:
-                problem = save()
-                if problem is not None:
-                    stop(f"{problem} after step {step}")
-                    result.final_val_loss = None
-                    break
-                saved_step = step
+            if not end_of_step(step, settings, result, validate, save, stop):
+                break
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is on disk before anyone returns
-    if result.stopped is None and result.final_val_loss is None and history["val_loss"]:
-        result.final_val_loss = history["val_loss"][-1][1]  # resumed a finished run
-    result.step = step
-    result.train_loss = list(history["train_loss"])
-    result.val_loss = [list(p) for p in history["val_loss"]]
-    result.checkpoint = ckpt_path if ckpt_path.exists() else None
-    result.tokens_per_second = train_tokens / train_time if train_time else 0.0
-    return result
+    return result.finish(step, history, ckpt_path, train_tokens, train_time)
 
 
 def _engine_val_loss(config, params: dict, val: np.ndarray, settings) -> float:
