@@ -115,7 +115,12 @@ def pick_token(logits: np.ndarray, temperature: float, top_k: int | None,
     # (the max maps to exp(0) = 1, so the sum is >= 1 and the probabilities are never NaN)
     with np.errstate(over="ignore"):  # -> -inf, exp(-inf) = 0: that token is never drawn
         p = np.exp((z - z.max()) / temperature)
-    return int(rng.choice(z.size, p=p / p.sum()))
+    # rng.choice(V, p=p / p.sum())'s own steps, the same draw from the same state, without its
+    # checks of p (20 us a call here, these lines 9; a sampled character takes 300-500 us): the
+    # first id whose cumulative probability exceeds one uniform draw in [0, 1)
+    cdf = np.cumsum(p / p.sum())
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def _check_options(max_new_tokens, temperature, top_k):

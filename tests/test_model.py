@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 from gradcheck import gradcheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minisparse.generate import generate, pick_token
 from minisparse.model import GPT, GPTConfig, KVCache, count_params, param_shapes, rope, rope_tables
@@ -382,6 +384,19 @@ def test_generate_with_cache_equals_full_forward_sampling(name):
         out = generate(model, prompt, n, temperature=0.8, top_k=5, seed=1)
         assert out == naive_generate(model, prompt, n, 0.8, 5, seed=1)
         assert out[: len(prompt)] == prompt and len(out) == len(prompt) + n
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=1, max_size=70), st.floats(0.05, 5.0),
+       st.integers(0, 2**32 - 1))
+def test_pick_token_draws_what_rng_choice_draws(logits, temperature, seed):
+    # pick_token's inverse-CDF draw is numpy's Generator.choice(V, p=...) step for step: same
+    # seed, same token (so sampled text does not depend on which of the two is used)
+    z = np.array(logits, np.float32)
+    p = np.exp((z.astype(np.float64) - z.max()) / temperature)
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    for _ in range(5):
+        assert pick_token(z, temperature, None, a) == b.choice(z.size, p=p / p.sum())
 
 
 def test_generate_options():
