@@ -24,9 +24,10 @@ tile of a stage with an atomic counter, writes its outputs to a buffer of that s
 it done, and before reading the stage's output spins until every tile is done. A worker alone
 does every tile, so no schedule can deadlock (a waiting worker only waits for tiles a running
 worker holds), and a tile is computed by the same code whoever claims it: one or two workers
-give bit-equal logits. Small models keep one worker (``WORKERS_FROM``). The SIMD
-level of the ternary products is a compile-time constant (``width``: 0 portable, 32 AVX2, 64
-AVX-512), so a CPU without AVX2 never compiles the intrinsics.
+give bit-equal logits. Models with under 0.5 MB of packed weights keep one worker
+(``WORKERS_FROM``). The SIMD level of the ternary products is a compile-time constant
+(``width``: 0 portable, 32 AVX2, 64 AVX-512), so a CPU without AVX2 never compiles the
+intrinsics.
 """
 
 from __future__ import annotations
@@ -351,10 +352,12 @@ def _forward_avx512(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     return _forward(64, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
-# Projection weights from which Decoder uses two workers: measured per token (1 -> 2 workers)
-# 0.13 -> 0.15 ms at d 128, 4 layers (0.8M) ternary + sparse, 0.46 -> 0.39 ms at d 256,
-# 8 layers (6M), 2.5 -> 1.9 ms at the bench's d 512, 16 layers (48M)
-WORKERS_FROM = 3_000_000
+# Bytes of packed projection weights (2-bit codes or float32 rows) from which Decoder uses two
+# workers. Per token, 1 worker / 2 (paired medians of 40 runs of 50 tokens; minisparse train's
+# d 128, 4 layers unless said): ternary + sparse 0.5 (0.2 MB) 1.00, ternary (0.2 MB) 1.01,
+# d 192, 6 layers ternary + sparse (0.7 MB) 1.07, d 256, 8 layers ternary + sparse (1.6 MB)
+# 1.33, float sparse 0.5 (3.3 MB) 1.21, float (3.3 MB) 1.30 (206 -> 160 us).
+WORKERS_FROM = 1 << 19
 _ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 _GROUPS = ((0, 3), (3, 4), (4, 6), (6, 7))  # _KINDS that read one input: q k v, o, up gate, down
@@ -401,8 +404,8 @@ class Decoder:
                        for d in (c.d_model, c.ffn_hidden))
         self._model = (norms, codes, wts, self.scales, taus, model.rope_cos, model.rope_sin,
                        c.n_heads, sparse, c.rescale == "l2", c.ffn_act == "relu2", c.norm_eps)
-        if workers is None:  # a second worker pays off on larger models only (see WORKERS_FROM)
-            big = c.n_layers * (4 * c.d_model + 3 * c.ffn_hidden) * c.d_model >= WORKERS_FROM
+        if workers is None:  # a second worker pays off once a token reads enough weights
+            big = sum(a.nbytes for a in codes + wts) >= WORKERS_FROM
             workers = min(2, get_num_threads()) if big else 1
         # one KV cache per worker (each writes its own; they stay equal)
         shape = (workers, c.n_layers, c.n_heads, c.context, c.d_head)
