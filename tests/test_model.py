@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from gradcheck import gradcheck
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minisparse.generate import generate, pick_token
@@ -386,17 +386,31 @@ def test_generate_with_cache_equals_full_forward_sampling(name):
         assert out[: len(prompt)] == prompt and len(out) == len(prompt) + n
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(-30, 30), min_size=1, max_size=70), st.floats(0.05, 5.0),
-       st.integers(0, 2**32 - 1))
-def test_pick_token_draws_what_rng_choice_draws(logits, temperature, seed):
-    # pick_token's inverse-CDF draw is numpy's Generator.choice(V, p=...) step for step: same
-    # seed, same token (so sampled text does not depend on which of the two is used)
+       st.none() | st.integers(1, 80), st.integers(0, 2**32 - 1))
+def test_pick_token_draws_what_rng_choice_draws(logits, temperature, top_k, seed):
+    # pick_token's compiled draw is numpy's Generator.choice(V, p=...) on the same distribution:
+    # same seed, same token, unless the uniform draw falls within 1e-9 of a cumulative
+    # probability (where the order of float sums may decide)
     z = np.array(logits, np.float32)
-    p = np.exp((z.astype(np.float64) - z.max()) / temperature)
-    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
-    for _ in range(5):
-        assert pick_token(z, temperature, None, a) == b.choice(z.size, p=p / p.sum())
+    zz = z.astype(np.float64)
+    if top_k is not None and top_k < z.size:
+        zz = np.where(zz < np.sort(zz)[-top_k], -np.inf, zz)
+    p = np.exp((zz - zz.max()) / temperature)
+    p /= p.sum()
+    u = np.random.default_rng(seed).random()  # the draw both will make
+    assume(np.abs(np.cumsum(p) - u).min() > 1e-9)
+    token = pick_token(z, temperature, top_k, np.random.default_rng(seed))
+    assert token == np.random.default_rng(seed).choice(z.size, p=p)
+    assert p[token] > 0  # never a token outside the top_k
+
+
+def test_pick_token_refuses_non_finite_logits():
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="not finite"):
+            pick_token(np.array([0.0, bad, 1.0], np.float32), 1.0, None,
+                       np.random.default_rng(0))
 
 
 def test_generate_options():
