@@ -47,19 +47,20 @@ from .ternary import _ternary_serial, prefetch
 from .token import ALL, BLOCK, THRESHOLD, TOPK, l2_factor, rescale_sums, select, ternary_inputs
 
 
-def _ternary_tiles(width, q, idx, codes, y, sync, slot):
+def _ternary_tiles(width, q, idx, codes, y, sync, slot, buffers):
     """y[:4 Q] int32 = Σ_{i in idx} q_i t_oi for codes [D_in, Q], the tiles this worker claims
-    (see ``_claim``); returns the number of tiles (a stub: the compiled versions are below)."""
+    (see ``_claim``), in the worker's buffers (``_simd_tiles``); returns the number of tiles
+    (a stub: the compiled versions are below)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_ternary_tiles, prefer_literal=True)
-def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot):
+def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot, buffers):
     if not isinstance(width, types.IntegerLiteral):  # the caller retries with the literal
         raise errors.RequireLiteralValue("_ternary_tiles: width must be a constant")
     w = width.literal_value
     if w == 0:  # the portable kernel: the whole product is one tile
-        def portable(width, q, idx, codes, y, sync, slot):
+        def portable(width, q, idx, codes, y, sync, slot, buffers):
             if _claim(sync, slot) == 0:
                 cols = codes.shape[1]
                 y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16),
@@ -68,14 +69,14 @@ def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot):
             return 1
         return portable
     if w == 32:
-        def avx2(width, q, idx, codes, y, sync, slot):
-            return _simd_tiles(32, q, idx, codes, y, sync, slot)
+        def avx2(width, q, idx, codes, y, sync, slot, buffers):
+            return _simd_tiles(32, q, idx, codes, y, sync, slot, buffers)
         return avx2
     if w == 64:  # 64-byte tiles need Q % 64 == 0, else the AVX2 tiles (as simd_gemv_int)
-        def avx512(width, q, idx, codes, y, sync, slot):
+        def avx512(width, q, idx, codes, y, sync, slot, buffers):
             if codes.shape[1] % 64 == 0:
-                return _simd_tiles(64, q, idx, codes, y, sync, slot)
-            return _simd_tiles(32, q, idx, codes, y, sync, slot)
+                return _simd_tiles(64, q, idx, codes, y, sync, slot, buffers)
+            return _simd_tiles(32, q, idx, codes, y, sync, slot, buffers)
         return avx512
     return None
 
@@ -103,18 +104,18 @@ def _wait(sync, slot, n_tiles):
 
 
 @njit(cache=True, inline="always")
-def _simd_tiles(width, q, idx, codes, y, sync, slot):
-    # simd._gemv_serial's tiles, each computed by whichever worker claims it
-    rows, xpairs, q_sum = _pairs(q, idx)
+def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
+    # simd._gemv_serial's tiles, each computed by whichever worker claims it, in the worker's
+    # buffers (pairs int64 [D + 1], int16 [D // 2 + 1]; one tile's int32 and int16 sums)
+    pair_rows, pair_q, sums, scratch = buffers
+    rows, xpairs, q_sum = _pairs(q, idx, pair_rows, pair_q)
     cols = codes.shape[1]
     n_tiles = cols // width
     lanes = lane_bytes(width)
-    sums = np.empty((n_tiles, 4 * width), np.int32)
-    scratch = np.empty(4 * width, np.int16)
     t = _claim(sync, slot)
     while t < n_tiles:
         _tiles(width, codes, rows, xpairs, t, t + 1, scratch, sums)
-        _scatter(sums[t], t * width, width, cols, q_sum, lanes, 4 * cols, y)
+        _scatter(sums[0], t * width, width, cols, q_sum, lanes, 4 * cols, y)
         _release(sync, slot)
         t = _claim(sync, slot)
     return n_tiles
@@ -142,7 +143,7 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M).
     The product itself is shared: its tiles go to the workers that claim them (product
     ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B))."""
-    q8, a, idx = scratch
+    q8, a, idx = scratch[:3]
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
     q = q8[:d_in]
@@ -173,7 +174,7 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
         for j in range(0, cols, 64):
             prefetch(row, j)
     acc = sync[1][slot % sync[1].shape[0]]
-    _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot))
+    _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot, scratch[3:]))
     cols_m = cols // n_mats
     for m in range(n_mats):
         for plane in range(4):
@@ -274,10 +275,12 @@ def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
     norms, eps = model[0], model[-1]
     n_layers = norms.shape[0]
     widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
-    # scratch of every projection, allocated once per call: codes, A(x), kept positions;
-    # outputs of up to three weights
+    # scratch of every projection, allocated once per call: codes, A(x), kept positions, the
+    # ternary tiles' buffers (see _simd_tiles); outputs of up to three weights
     scratch = (np.empty(widest, np.int8), np.empty(widest, np.float32),
-               np.empty(widest, np.int64))
+               np.empty(widest, np.int64), np.empty(widest + 1, np.int64),
+               np.empty(widest // 2 + 1, np.int16), np.empty((1, 4 * 64), np.int32),
+               np.empty(4 * 64, np.int16))
     outs = np.empty((3, widest), np.float32)
     x = np.empty((n, tok_emb.shape[1]), np.float32)
     for r in range(n):

@@ -176,13 +176,13 @@ def tile_sums(typingctx, width, codes, rows, xpairs, start, end, col, out):
 
 
 @njit(cache=True, inline="always")
-def _pairs(q, idx):
-    """(rows int64 [2P], xpairs int16 [P], Σ q_idx): kept inputs two by two; an odd last input
-    is paired with itself at weight 0. xpairs[n] = q_i in the low byte, q_j in the high one."""
+def _pairs(q, idx, rows, xpairs):
+    """(rows[:2P] int64, xpairs[:P] int16, Σ q_idx), written into the given buffers (at least
+    K + 1 and (K + 1) // 2 long): kept inputs two by two; an odd last input is paired with
+    itself at weight 0. xpairs[n] = q_i in the low byte, q_j in the high one."""
     k = idx.shape[0]
     n_pairs = (k + 1) // 2
-    rows = np.empty(2 * n_pairs, np.int64)
-    xpairs = np.empty(n_pairs, np.int16)
+    rows, xpairs = rows[:2 * n_pairs], xpairs[:n_pairs]
     q_sum = 0
     for n in range(n_pairs):
         i = idx[2 * n]
@@ -209,25 +209,32 @@ def _scatter(sums, col, width, q, q_sum, lanes, d_out, y):
 
 @njit(cache=True, inline="always")
 def _tiles(width, codes, rows, xpairs, c0, c1, scratch, sums):
-    """int32 sums[c] = tile c's sums over every kept pair, for tiles c in [c0, c1).
+    """int32 sums[c - c0] = tile c's sums over every kept pair, for tiles c in [c0, c1).
 
     Pairs outermost, a few at a time: 32 rows are read front to back, tile after tile (a
     tile-outer order jumps a row ahead per access, missing the TLB each time, and more rows
     side by side are more streams than the hardware prefetchers follow)."""
     n_pairs = xpairs.shape[0]
-    sums[c0:c1] = 0
+    sums[:c1 - c0] = 0
     for s in range(0, n_pairs, PAIRS_PER_FLUSH):
         e = min(s + PAIRS_PER_FLUSH, n_pairs)
         for c in range(c0, c1):
             tile_sums(width, codes, rows, xpairs, s, e, c * width, scratch)
-            acc = sums[c]
+            acc = sums[c - c0]
             for a in range(4 * width):
                 acc[a] += scratch[a]
 
 
+@njit(cache=True, inline="always")
+def _pairs_alloc(q, idx):
+    """``_pairs`` into new buffers (a whole GEMV call; the decode step brings its own)."""
+    k = idx.shape[0]
+    return _pairs(q, idx, np.empty(k + 1, np.int64), np.empty((k + 1) // 2, np.int16))
+
+
 @njit(cache=True)
 def _gemv_serial(width, q, idx, codes, d_out, lanes):
-    rows, xpairs, q_sum = _pairs(q, idx)
+    rows, xpairs, q_sum = _pairs_alloc(q, idx)
     n_cols = codes.shape[1]
     n_tiles = n_cols // width
     sums = np.empty((n_tiles, 4 * width), np.int32)
@@ -242,14 +249,14 @@ def _gemv_serial(width, q, idx, codes, d_out, lanes):
 def _gemv_parallel(width, q, idx, codes, d_out, lanes, parts):
     # Threads split the outputs (tiles): each reads every kept row's bytes of its tiles and
     # writes its own outputs, so there are no partial sums to add. One parallel region.
-    rows, xpairs, q_sum = _pairs(q, idx)
+    rows, xpairs, q_sum = _pairs_alloc(q, idx)
     n_cols = codes.shape[1]
     n_tiles = n_cols // width
     sums = np.empty((n_tiles, 4 * width), np.int32)
     y = np.empty(d_out, np.int32)
     for t in prange(parts):
         c0, c1 = t * n_tiles // parts, (t + 1) * n_tiles // parts
-        _tiles(width, codes, rows, xpairs, c0, c1, np.empty(4 * width, np.int16), sums)
+        _tiles(width, codes, rows, xpairs, c0, c1, np.empty(4 * width, np.int16), sums[c0:c1])
         for c in range(c0, c1):
             _scatter(sums[c], c * width, width, n_cols, q_sum, lanes, d_out, y)
     return y
