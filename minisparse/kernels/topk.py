@@ -17,7 +17,7 @@ Like the training path of the reference, these kernels do not check for NaN/inf.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 # Below this many entries one thread does all rows: waking the thread pool costs ~0.1 ms.
 PARALLEL_MIN_SIZE = 1 << 16
@@ -28,10 +28,11 @@ SMALL_ROW = 16  # rows up to this long (N:M blocks): every entry's rank counted,
 
 
 @njit(cache=True, inline="always")
-def _kth_largest(xb, low, nbits, k):
-    """The k-th largest of a_j = xb[j] & low (|x|'s bits, nbits of them) over one row."""
+def _kth_largest(xb, low, nbits, k, counts, bucket):
+    """The k-th largest of a_j = xb[j] & low (|x|'s bits, nbits of them) over one row;
+    counts [2^RADIX_BITS] int32 and bucket [D] (xb's dtype) are scratch."""
     d, shift = xb.shape[0], nbits - RADIX_BITS
-    counts = np.zeros(1 << RADIX_BITS, np.int32)
+    counts[:] = 0
     top = 0
     for j in range(d):
         b = (xb[j] & low) >> shift
@@ -42,8 +43,7 @@ def _kth_largest(xb, low, nbits, k):
     while above + counts[b] < k:
         above += counts[b]
         b -= 1
-    bucket = np.empty(counts[b], xb.dtype)  # the members of bucket b
-    m = 0
+    m = 0  # the members of bucket b
     for j in range(d):
         a = xb[j] & low
         if a >> shift == b:
@@ -61,8 +61,16 @@ def _kth_largest(xb, low, nbits, k):
 
 
 @njit(cache=True, inline="always")
-def _row_topk(x, xb, nbits, k, keep, y):
-    """keep[:] = top-k mask of |x| for one row, y[:] = x ⊙ keep; xb = x's bits as signed ints."""
+def _scratch(xb):
+    """``_kth_largest``'s buffers for rows like xb [..., D], allocated once per thread rather
+    than per row (768 rows of 128: 511 -> 406 us on one thread)."""
+    return np.empty(1 << RADIX_BITS, np.int32), np.empty(xb.shape[-1], xb.dtype)
+
+
+@njit(cache=True, inline="always")
+def _row_topk(x, xb, nbits, k, keep, y, scratch):
+    """keep[:] = top-k mask of |x| for one row, y[:] = x ⊙ keep; xb = x's bits as signed ints;
+    scratch = ``_scratch(xb)``."""
     d = x.shape[0]
     low = (1 << nbits) - 1  # clears the sign bit: |x|'s bits
     if d <= SMALL_ROW:  # keep j if fewer than k entries come before it in (-|x|, index) order
@@ -73,7 +81,8 @@ def _row_topk(x, xb, nbits, k, keep, y):
                 before += b > a or (b == a and i < j)
             keep[j] = before < k
     else:
-        t = _kth_largest(xb, low, nbits, k)
+        counts, bucket = scratch
+        t = _kth_largest(xb, low, nbits, k, counts, bucket)
         above = 0
         for j in range(d):
             keep[j] = (xb[j] & low) > t
@@ -90,22 +99,26 @@ def _row_topk(x, xb, nbits, k, keep, y):
 
 
 @njit(parallel=True, cache=True)
-def _topk_rows_parallel(x, xb, nbits, k, mask, y):
-    for i in prange(x.shape[0]):
-        _row_topk(x[i], xb[i], nbits, k, mask[i], y[i])
+def _topk_rows_parallel(x, xb, nbits, k, mask, y, parts):
+    n = x.shape[0]
+    for p in prange(parts):  # a block of rows per thread, one scratch per block
+        scratch = _scratch(xb)
+        for i in range(p * n // parts, (p + 1) * n // parts):
+            _row_topk(x[i], xb[i], nbits, k, mask[i], y[i], scratch)
 
 
 @njit(cache=True)
 def _topk_rows_serial(x, xb, nbits, k, mask, y):
+    scratch = _scratch(xb)
     for i in range(x.shape[0]):
-        _row_topk(x[i], xb[i], nbits, k, mask[i], y[i])
+        _row_topk(x[i], xb[i], nbits, k, mask[i], y[i], scratch)
 
 
 @njit(cache=True)
 def _row_indices(x, xb, nbits, k):
     """One row x [D] -> ascending int64 indices of its top k (serial: a decode step's token)."""
     keep = np.empty(x.shape[0], np.bool_)
-    _row_topk(x, xb, nbits, k, keep, np.empty_like(x))
+    _row_topk(x, xb, nbits, k, keep, np.empty_like(x), _scratch(xb))
     return np.flatnonzero(keep)
 
 
@@ -118,8 +131,10 @@ def _select(x, d, k):
     """(mask, x ⊙ mask) of [..., D] x, top-k within consecutive groups of d (d = D or M)."""
     rows = np.ascontiguousarray(x).reshape(-1, d)
     mask, y = np.empty(rows.shape, np.bool_), np.empty_like(rows)
-    run = _topk_rows_serial if rows.size < PARALLEL_MIN_SIZE else _topk_rows_parallel
-    run(rows, *_bits(rows), k, mask, y)
+    if rows.size < PARALLEL_MIN_SIZE:
+        _topk_rows_serial(rows, *_bits(rows), k, mask, y)
+    else:
+        _topk_rows_parallel(rows, *_bits(rows), k, mask, y, get_num_threads())
     return mask.reshape(x.shape), y.reshape(x.shape)
 
 
