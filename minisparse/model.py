@@ -250,11 +250,15 @@ def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     The map is orthogonal, so dx = g·cos θ + rotate_half^T(g·sin θ), rotate_half^T = [g2, -g1]."""
     half = x.shape[-1] // 2
     x1, x2 = x.data[..., :half], x.data[..., half:]
-    out = x.data * cos + np.concatenate([-x2, x1], axis=-1) * sin
+    out = x.data * cos  # then + [-x2, x1] sin, half by half (no concatenated temporaries)
+    out[..., :half] -= x2 * sin[..., :half]
+    out[..., half:] += x1 * sin[..., half:]
 
     def backward(g):
-        gs = g * sin
-        return (g * cos + np.concatenate([gs[..., half:], -gs[..., :half]], axis=-1),)
+        dx = g * cos  # + [g2, -g1] sin
+        dx[..., :half] += g[..., half:] * sin[..., half:]
+        dx[..., half:] -= g[..., :half] * sin[..., :half]
+        return (dx,)
 
     return Tensor.from_op(out, (x,), backward, "rope")
 

@@ -341,17 +341,21 @@ def _sub(a, b):
 
 
 def _mul(a, b):
-    """a * b; d/da = b, d/db = a."""
+    """a * b; d/da = b, d/db = a (each only for an operand that requires grad: a constant
+    factor, such as attention's 1 / sqrt(d_head), costs no product and no sum)."""
     x, y = a.data, b.data
     out = _broadcasting("mul", np.multiply, a, b)
-    return Tensor.from_op(out, (a, b), lambda g: (g * y, g * x), "mul")
+    return Tensor.from_op(out, (a, b), lambda g: (g * y if a.requires_grad else None,
+                                                  g * x if b.requires_grad else None), "mul")
 
 
 def _div(a, b):
-    """a / b; d/da = 1/b, d/db = -a/b^2 = -out/b."""
+    """a / b; d/da = 1/b, d/db = -a/b^2 = -out/b (each only where required, as ``_mul``)."""
     y = b.data
     out = _broadcasting("div", np.divide, a, b)
-    return Tensor.from_op(out, (a, b), lambda g: (g / y, -g * out / y), "div")
+    return Tensor.from_op(out, (a, b), lambda g: (g / y if a.requires_grad else None,
+                                                  -g * out / y if b.requires_grad else None),
+                          "div")
 
 
 def _matmul(a, b):
