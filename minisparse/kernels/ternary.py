@@ -34,6 +34,7 @@ from numba.extending import intrinsic
 from ..quant import absmean_ternarize
 from .i2s import pack_rows, rows_gemv_int, unpack_rows
 from .simd import simd_gemv_int, simd_level
+from .token import quantize
 from .topk import PARALLEL_MIN_SIZE
 
 PARALLEL_MIN_CODES = 1 << 23  # K * D_out below this: one thread (see sparse_matmul.py)
@@ -235,25 +236,16 @@ def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.nd
     return _ternary_parallel(x16, idx, words, p.shape[0], get_num_threads())
 
 
-@njit(cache=True, inline="always")
-def _absmax_row(x, q, s):
-    # SPEC 3 in the input's float dtype, operation for operation as the NumPy reference:
-    # s = 127 / max(max|x|, 1e-5), q = clip(rint(x * s), -128, 127).
-    s[0] = x.dtype.type(127) / max(np.abs(x).max(), x.dtype.type(1e-5))
-    for j in range(x.shape[0]):
-        q[j] = min(max(np.rint(x[j] * s[0]), -128), 127)
-
-
 @njit(parallel=True, cache=True)
 def _absmax_rows_parallel(x, q, s):
     for r in prange(x.shape[0]):
-        _absmax_row(x[r], q[r], s[r])
+        s[r, 0] = quantize(x[r], q[r])
 
 
 @njit(cache=True)
 def _absmax_rows_serial(x, q, s):
     for r in range(x.shape[0]):
-        _absmax_row(x[r], q[r], s[r])
+        s[r, 0] = quantize(x[r], q[r])
 
 
 def quantize_rows(x: np.ndarray):

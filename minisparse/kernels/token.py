@@ -15,24 +15,39 @@ from .topk import _row_indices
 
 # How a projection chooses its kept inputs (an int, so one compiled function serves them all)
 ALL, TOPK, BLOCK, THRESHOLD = 0, 1, 2, 3
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
+
+
+@njit(cache=True, inline="always")
+def _abs_max(x):
+    """max |x| of a float32 / float64 row as the largest sign-cleared bit pattern (ordered like
+    the value for floats >= 0; an integer max vectorises, a float max is a chain of compares;
+    a NaN's pattern is above inf's, so a NaN comes out as np.abs(x).max() does)."""
+    if x.itemsize == 4:
+        bits = x.view(np.int32)
+        top = np.int32(0)
+        for j in range(bits.shape[0]):
+            top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+        return np.float64(np.int32(top).view(np.float32))
+    wide = x.view(np.int64)
+    top64 = np.int64(0)
+    for j in range(wide.shape[0]):
+        top64 = max(top64, wide[j] & np.int64(0x7FFFFFFFFFFFFFFF))
+    return np.int64(top64).view(np.float64)
 
 
 @njit(cache=True, inline="always")
 def quantize(x, q):
-    """SPEC 3 for one token x [D] float32 (C order): q[:] = clip(rint(x s), -128, 127), returns
-    s = 127 / max(max|x|, 1e-5) -- ternary._absmax_row's operations, in loops that vectorise
-    (1.7 us -> ~0.15 us at D = 512): max|x| as the largest sign-cleared bit pattern (ordered
-    like the value for floats >= 0; an integer max, where a float max is a chain of compares),
-    rint as (y + M) - M in float32 (round-half-to-even, exact for |y| < 2^22; here |y| <= 127)."""
-    bits = x.view(np.int32)
-    top = np.int32(0)
-    for j in range(bits.shape[0]):
-        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
-    s = np.float32(127) / max(np.int32(top).view(np.float32), np.float32(1e-5))
+    """SPEC 3 for one row x [D] float32 / float64 (C order), in x's dtype: q[:] = clip(rint(x s),
+    -128, 127), returns s = 127 / max(max|x|, 1e-5) -- the reference's operations, in loops
+    that vectorise (1.7 us -> ~0.15 us at D = 512, float32): max|x| by ``_abs_max``, rint as
+    (y + M) - M with M = 1.5 * 2^(mantissa bits) (round-half-to-even, exact for |y| < 2^22 in
+    float32; here |y| <= 127). Training's ``quantize_rows`` and a decode step both use it."""
+    f = x.dtype.type
+    magic = f(12582912.0) if x.itemsize == 4 else f(6755399441055744.0)
+    s = f(127) / max(f(_abs_max(x)), f(1e-5))
     for j in range(x.shape[0]):
-        r = (x[j] * s + _MAGIC) - _MAGIC
-        q[j] = np.int8(np.int32(min(max(r, np.float32(-128)), np.float32(127))))
+        r = (x[j] * s + magic) - magic
+        q[j] = np.int8(np.int32(min(max(r, f(-128)), f(127))))
     return s
 
 
