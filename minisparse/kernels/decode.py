@@ -276,11 +276,12 @@ def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
     n_layers = norms.shape[0]
     widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
     # scratch of every projection, allocated once per call: codes, A(x), kept positions, the
-    # ternary tiles' buffers (see _simd_tiles); outputs of up to three weights
+    # ternary tiles' buffers (see _simd_tiles: a tile is at most ``width`` bytes, 4 width
+    # outputs; the portable kernel uses none); outputs of up to three weights
     scratch = (np.empty(widest, np.int8), np.empty(widest, np.float32),
                np.empty(widest, np.int64), np.empty(widest + 1, np.int64),
-               np.empty(widest // 2 + 1, np.int16), np.empty((1, 4 * 64), np.int32),
-               np.empty(4 * 64, np.int16))
+               np.empty(widest // 2 + 1, np.int16), np.empty((1, 4 * width), np.int32),
+               np.empty(4 * width, np.int16))
     outs = np.empty((3, widest), np.float32)
     x = np.empty((n, tok_emb.shape[1]), np.float32)
     for r in range(n):
