@@ -1,10 +1,11 @@
-"""Which implementation runs a SparseLinear: the NumPy reference or the Numba kernels.
+"""Which implementation runs a SparseLinear (and training's attention): the NumPy reference or
+the Numba kernels.
 
 ``default_backend()`` is "numba", or "numpy" when MINISPARSE_BACKEND=numpy, NUMBA_DISABLE_JIT=1
 (the kernels would run as slow pure Python) or Numba is not installed; ``use_backend(name)``
 overrides it inside a ``with`` block. The reference modules (sparsity, quant, linear, model)
-never import the kernels: a SparseLinear asks ``fast_linear`` here, which imports them when the
-"numba" backend is actually used.
+never import the kernels: a SparseLinear asks ``fast_linear`` here (an Attention module
+``fast_attention``), which imports them when the "numba" backend is actually used.
 """
 
 from __future__ import annotations
@@ -53,3 +54,10 @@ def fast_linear(linear, x):
     from .kernels.linear import linear_forward
 
     return linear_forward(linear, x)
+
+
+def fast_attention(q, k, v, cos, sin, n_heads):
+    """The Numba twin of ``model.Attention``'s causal RoPE attention over positions 0..T-1."""
+    from .kernels.attention import causal_attention
+
+    return causal_attention(q, k, v, cos, sin, n_heads)

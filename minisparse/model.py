@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import resolve_backend
+from .backend import fast_attention, resolve_backend
 from .functions import cross_entropy, embedding, masked_fill, rmsnorm, softmax
 from .linear import SparseLinear, glu_activation
 from .moe import MoE
@@ -310,16 +310,17 @@ class Attention(Module):
         self.o = methods.linear(_normal(rng, (d, d), std / math.sqrt(2 * config.n_layers), dtype),
                                 tau_o)
         self.n_heads = config.n_heads
+        self.backend = methods.backend
 
     def forward(self, h, cos, sin, future, kv_cache=None, layer=0):
         """h (B, T, d) -> (B, T, d); ``future`` (T, S) is True where a query may not look."""
         B, T, d = h.shape
         H, dh = self.n_heads, d // self.n_heads
-        q, k, v = (
-            # (B, T, d) -> (B, T, H, dh) -> (B, H, T, dh)
-            proj(h).reshape(B, T, H, dh).transpose(1, 2)
-            for proj in (self.q, self.k, self.v)
-        )
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        if kv_cache is None and resolve_backend(self.backend) == "numba":
+            return self.o(fast_attention(q, k, v, cos, sin, H))  # the lines below, fused
+        # (B, T, d) -> (B, T, H, dh) -> (B, H, T, dh)
+        q, k, v = (t.reshape(B, T, H, dh).transpose(1, 2) for t in (q, k, v))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if kv_cache is not None:  # decoding: attend to the cached positions too
             k, v = (Tensor(a) for a in kv_cache.update(layer, k.data, v.data))
