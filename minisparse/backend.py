@@ -1,11 +1,11 @@
-"""Which implementation runs a SparseLinear (and training's attention): the NumPy reference or
-the Numba kernels.
+"""Which implementation runs a SparseLinear (and the fused attention, RMSNorm and GLU ops): the
+NumPy reference or the Numba kernels.
 
 ``default_backend()`` is "numba", or "numpy" when MINISPARSE_BACKEND=numpy, NUMBA_DISABLE_JIT=1
 (the kernels would run as slow pure Python) or Numba is not installed; ``use_backend(name)``
 overrides it inside a ``with`` block. The reference modules (sparsity, quant, linear, model)
-never import the kernels: a SparseLinear asks ``fast_linear`` here (an Attention module
-``fast_attention``), which imports them when the "numba" backend is actually used.
+never import the kernels: a module asks ``fast_linear`` (``fast_attention``, ``fast_rmsnorm``,
+``fast_glu``) here, which imports them when the "numba" backend is actually used.
 """
 
 from __future__ import annotations
@@ -61,3 +61,17 @@ def fast_attention(q, k, v, cos, sin, n_heads):
     from .kernels.attention import causal_attention
 
     return causal_attention(q, k, v, cos, sin, n_heads)
+
+
+def fast_rmsnorm(x, g, eps):
+    """The Numba twin of ``functions.rmsnorm``."""
+    from .kernels.norm import rmsnorm
+
+    return rmsnorm(x, g, eps)
+
+
+def fast_glu(u, z, act):
+    """The Numba twin of u * act(z), act = glu_activation(act) (GLU feed-forward)."""
+    from .kernels.glu import glu
+
+    return glu(u, z, act)

@@ -190,15 +190,22 @@ def cross_entropy(logits, targets):
                           "cross_entropy")
 
 
-def rmsnorm(x, g, eps=1e-6):
-    """SPEC section 6: y = x / sqrt(mean(x^2, -1) + eps) * g; x [..., d], g [d].
-    With xhat = x * r: dx = r * (dxhat - xhat * mean(dxhat * xhat, -1)), dxhat = dy * g."""
+def rmsnorm_operands(x, g):
+    """(x, g) as float Tensors with g [d] the last axis of x [..., d], one dtype; or an error
+    naming the problem (shared with the Numba twin, kernels/norm.py)."""
     x = _float("rmsnorm", "x", x)
     g = _float("rmsnorm", "g", g)
     if x.ndim < 1 or g.shape != x.shape[-1:]:
         raise ValueError(f"rmsnorm: g {g.shape} must be the last axis of x {x.shape}")
     if x.dtype != g.dtype:
         raise TypeError(f"rmsnorm: dtype mismatch, x is {x.dtype} and g is {g.dtype}")
+    return x, g
+
+
+def rmsnorm(x, g, eps=1e-6):
+    """SPEC section 6: y = x / sqrt(mean(x^2, -1) + eps) * g; x [..., d], g [d].
+    With xhat = x * r: dx = r * (dxhat - xhat * mean(dxhat * xhat, -1)), dxhat = dy * g."""
+    x, g = rmsnorm_operands(x, g)
     # Overflow-safe (SPEC section 1): rows whose largest |x| exceeds 1 are divided by it first,
     # so mean(x^2) cannot overflow (1e38 in float32 would give r = 0 and all-zero logits).
     # Rows with max |x| <= 1 divide by exactly 1: bit-identical to the plain formula.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import fast_attention, resolve_backend
+from .backend import fast_attention, fast_glu, fast_rmsnorm, resolve_backend
 from .functions import cross_entropy, embedding, masked_fill, rmsnorm, softmax
 from .linear import SparseLinear, glu_activation
 from .moe import MoE
@@ -147,7 +147,7 @@ class Methods:
 
     def __init__(self, config: GPTConfig, ste: bool = True, backend=None):
         self.act_quant, self.weight_quant = quantizers(config.bits)
-        self.activation = glu_activation(config.ffn_act)
+        self.activation, self.act = glu_activation(config.ffn_act), config.ffn_act
         self.ste, self.backend, self.target = ste, backend, config.sparsity
         if config.sparsify == "threshold":
             self.topk = None
@@ -340,11 +340,14 @@ class FeedForward(Module):
         self.gate = methods.linear(_normal(rng, (f, d), std, dtype), tau_in)
         self.down = methods.linear(
             _normal(rng, (d, f), std / math.sqrt(2 * config.n_layers), dtype), tau_down)
-        self.activation = methods.activation
+        self.activation, self.act, self.backend = methods.activation, methods.act, methods.backend
 
     def forward(self, h):
         """h (..., d) -> (..., d) through (..., ffn_hidden)."""
-        return self.down(self.up(h) * self.activation(self.gate(h)))
+        u, z = self.up(h), self.gate(h)
+        if resolve_backend(self.backend) == "numba":
+            return self.down(fast_glu(u, z, self.act))  # u * activation(z), fused
+        return self.down(u * self.activation(z))
 
 
 class Thresholds(Module):
@@ -377,12 +380,17 @@ class Block(Module):
             self.ffn = FeedForward(config, rng, dtype, methods, taus)
         if taus is not None:
             self.tau = taus
-        self.eps = config.norm_eps
+        self.eps, self.backend = config.norm_eps, methods.backend
 
     def forward(self, x, cos, sin, future, kv_cache=None, layer=0):
-        h = rmsnorm(x, self.attn_norm, self.eps)
+        h = _rmsnorm(self.backend, x, self.attn_norm, self.eps)
         x = x + self.attn(h, cos, sin, future, kv_cache, layer)
-        return x + self.ffn(rmsnorm(x, self.ffn_norm, self.eps))
+        return x + self.ffn(_rmsnorm(self.backend, x, self.ffn_norm, self.eps))
+
+
+def _rmsnorm(backend, x, g, eps):
+    """functions.rmsnorm, or its fused Numba twin on the "numba" backend."""
+    return (fast_rmsnorm if resolve_backend(backend) == "numba" else rmsnorm)(x, g, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +414,7 @@ class GPT(Module):
         self.blocks = [Block(config, rng, dtype, methods) for _ in range(config.n_layers)]
         self.norm = Parameter(np.ones(config.d_model, dtype))
         self.rope_cos, self.rope_sin = rope_tables(config, np.arange(config.context), dtype)
+        self.backend = methods.backend
 
     @classmethod
     def from_params(cls, config: GPTConfig, params: dict, backend=None,
@@ -453,7 +462,7 @@ class GPT(Module):
             x = block(x, cos, sin, future, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = rmsnorm(x, self.norm, self.config.norm_eps) @ self.tok_emb.T  # (B, T, V)
+        logits = _rmsnorm(self.backend, x, self.norm, self.config.norm_eps) @ self.tok_emb.T
         loss = None if targets is None else cross_entropy(logits, targets)
         if loss is not None and self.config.ffn == "moe":  # + moe_aux * mean over layers
             aux = sum((block.ffn.aux for block in self.blocks[1:]), self.blocks[0].ffn.aux)
