@@ -29,9 +29,9 @@ from functools import lru_cache
 import numba
 import numpy as np
 from numba import njit, prange
-from threadpoolctl import threadpool_limits
 
 from . import SET_BY_US
+from .backend import blas_threads
 from .data import bundled_text, get_batch, make_dataset
 from .generate import generate
 from .kernels import pack_linear, pack_model, pack_sparse_weights, sparse_gemv, topk_indices
@@ -592,13 +592,6 @@ def trainer_tokens_row(quick):
            "sparsity": 0.5, "baseline": 1.0 / numpy_tps, "ratio": torch_tps / numpy_tps,
            "unit": "ms"}
 
-
-@contextmanager
-def blas_threads(n):
-    """Limit every loaded BLAS (numpy's OpenBLAS, and scipy's if loaded) to n threads inside
-    the block, and restore them after."""
-    with threadpool_limits(limits=n, user_api="blas"):
-        yield
 
 
 def cold_start_row():

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import rundir
+from .backend import training_threads
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -296,7 +297,7 @@ def _train(model_config, settings, text, data_path, ckpt_path, resume, init_from
     # a diverging run overflows on its way to the guard, which reports it in one line: no
     # NumPy warnings on top
     with _Signals() as signals, _Progress(progress, settings, step) as log, \
-            np.errstate(over="ignore", invalid="ignore"):
+            np.errstate(over="ignore", invalid="ignore"), training_threads(backend):
         while step < settings.iters:
             if signals.received:
                 problem = save()

@@ -391,3 +391,18 @@ def test_init_from_trains_on_the_checkpoints_own_data(tmp_path):
     sparse = train({"sparsity": 0.5}, settings(iters=2), init_from=dense.checkpoint,
                    out_dir=tmp_path / "sparse", backend="numpy", progress=False)
     assert load_checkpoint(sparse.checkpoint).data == load_checkpoint(dense.checkpoint).data
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_training_on_the_kernels_keeps_blas_on_one_thread(tmp_path, backend):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    outside, seen = blas_threads(), []
+    run(tmp_path, backend=backend, settings=settings(iters=2, eval_interval=1),
+        callback=lambda step, model: seen.append(blas_threads()))
+    # numba's kernels run their own parallel regions; the reference keeps the library default
+    assert seen and all(s == ({1} if backend == "numba" else outside) for s in seen)
+    assert blas_threads() == outside  # restored after the run
