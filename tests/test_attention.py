@@ -29,6 +29,13 @@ def reference(q, k, v, cos, sin, n_heads):
     return (att @ v).transpose(1, 2).reshape(B, T, d)
 
 
+def tables(t, h, dh, dtype):
+    """RoPE's cos, sin [t, dh] for h heads of dh columns, positions 0..t-1."""
+    config = GPTConfig(vocab_size=5, d_model=h * dh, n_layers=1, n_heads=h, context=t,
+                       ffn_hidden=16)
+    return rope_tables(config, np.arange(t), dtype)
+
+
 @st.composite
 def problems(draw, scales=(0.1, 1.0, 8.0)):
     """q, k, v [B, T, d], cos, sin [T, dh], n_heads, cotangent: T and dh not multiples of 8;
@@ -36,9 +43,7 @@ def problems(draw, scales=(0.1, 1.0, 8.0)):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     b, t, h = draw(st.integers(1, 3)), draw(st.integers(1, 19)), draw(st.integers(1, 3))
     dh = 2 * draw(st.integers(1, 9))
-    config = GPTConfig(vocab_size=5, d_model=h * dh, n_layers=1, n_heads=h, context=t,
-                       ffn_hidden=16)
-    cos, sin = rope_tables(config, np.arange(t), np.float64)
+    cos, sin = tables(t, h, dh, np.float64)
     scale = draw(st.sampled_from(scales))
     q, k, v, g = (rng.standard_normal((b, t, h * dh)) * scale for _ in range(4))
     return q, k, v, cos, sin, h, g
@@ -79,9 +84,7 @@ def test_fused_attention_in_float32_stays_within_float32_rounding(case):
 def test_fused_attention_gradient_matches_finite_differences():
     rng = np.random.default_rng(3)
     b, t, h, dh = 2, 5, 2, 4
-    config = GPTConfig(vocab_size=5, d_model=h * dh, n_layers=1, n_heads=h, context=t,
-                       ffn_hidden=16)
-    cos, sin = rope_tables(config, np.arange(t), np.float64)
+    cos, sin = tables(t, h, dh, np.float64)
     q, k, v = (rng.standard_normal((b, t, h * dh)) for _ in range(3))
     gradcheck(lambda q, k, v: causal_attention(q, k, v, cos, sin, h), q, k, v)
 
@@ -89,9 +92,7 @@ def test_fused_attention_gradient_matches_finite_differences():
 def test_fused_attention_does_not_depend_on_the_thread_count():
     rng = np.random.default_rng(0)
     b, t, h, dh = 3, 13, 4, 6
-    config = GPTConfig(vocab_size=5, d_model=h * dh, n_layers=1, n_heads=h, context=t,
-                       ffn_hidden=16)
-    cos, sin = rope_tables(config, np.arange(t), np.float32)
+    cos, sin = tables(t, h, dh, np.float32)
     case = [rng.standard_normal((b, t, h * dh)).astype(np.float32) for _ in range(4)]
     before = numba.get_num_threads()
     try:
