@@ -271,7 +271,10 @@ def ternary_rows(quick, reps):
 def ternary_cold_row(quick, reps):
     """The dense ternary GEMV (output-major codes) with codes that come from memory: copies of
     the packed weight, together more than twice the last-level cache, used in turn (the
-    float32 baseline at this size never fits in cache either)."""
+    float32 baseline at this size never fits in cache either). Each timed call follows an
+    untimed call of the same side on the next copy, as in a decode loop: the thread pools are
+    awake, the codes still cold (alternating alone, half of our calls followed 7 ms of BLAS and
+    paid a sleeping pool's wake-up, 40-75 µs here, which is not memory)."""
     d_in, d_out = (256, 512) if quick else GEMV_SHAPES[-1]
     rng = np.random.default_rng(2)
     w = rng.standard_normal((d_out, d_in), dtype=np.float32)
@@ -283,7 +286,7 @@ def ternary_cold_row(quick, reps):
             for _ in range(copies)]
     turn = itertools.cycle(ring)
     return compare("ternary_gemv_cold", f"{d_in}x{d_out}", 0.0, lambda: x @ w.T,
-                   lambda: next(turn).gemv(x, None, "none"), reps)
+                   lambda: next(turn).gemv(x, None, "none"), reps, hot=True)
 
 
 # --- whole models ---
