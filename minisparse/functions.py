@@ -64,10 +64,15 @@ def relu(x):
     return Tensor.from_op(np.maximum(x.data, 0), (x,), lambda g: (g * (x.data > 0),), "relu")
 
 
+def sigmoid(a):
+    """1 / (1 + exp(-a)) of an array, as (1 + tanh(a / 2)) / 2: no overflow for large |a|."""
+    return 0.5 * (1 + np.tanh(0.5 * a))
+
+
 def silu(x):
     """x * sigmoid(x); d/dx = s * (1 + x * (1 - s))."""
     x = _float("silu", "x", x)
-    s = 0.5 * (1 + np.tanh(0.5 * x.data))  # sigmoid via tanh: no overflow for large |x|
+    s = sigmoid(x.data)
     return Tensor.from_op(x.data * s, (x,), lambda g: (g * s * (1 + x.data * (1 - s)),), "silu")
 
 

@@ -179,7 +179,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cos: np.ndarray, sin: np.n
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
     cos, sin = (np.ascontiguousarray(a, dtype) for a in (cos, sin))
     qr, kr = np.empty((B, n_heads, T, dh), dtype), np.empty((B, n_heads, T, dh), dtype)
-    p = np.empty((B, n_heads, T, (T + 7) // 8 * 8), dtype)  # rows padded to whole vectors
+    p = np.empty((B, n_heads, T, _padded(T)), dtype)  # rows padded to whole vectors
     out = np.empty((B, T, d), dtype)
     _forward(qd, kd, vd, cos, sin, n_heads, qr, kr, p, out)
 
