@@ -48,6 +48,13 @@ GEMV_SPARSITY = [0.5, 0.75, 0.9]
 # ffn 1280 (not the default 1360): a multiple of 256, so every projection of the llama.cpp
 # peer's GGUF is TQ2_0 (a 1360-input ffn.down would be F16 there, 22 MB instead of 2.6)
 DECODE_CONFIG = dict(d_model=512, n_layers=16, n_heads=8, context=64, ffn_hidden=1280)
+# Untimed calls before each timed one of a "hot" row. The last-level cache of the Xeon here is
+# non-inclusive: a line read once from memory mostly skips it, and is kept only once reused.
+# After the float32 baseline's 180 MB, the 11 MB of 4096x11008 codes took 5 calls to be
+# resident (ms per call, medians of 30: 1.05, 0.68, 0.41, 0.32, 0.34, 0.31, 0.29), and a
+# 50M-parameter model about 16 decoded tokens (2.11, 1.89, 1.82, ... 1.52 ... 1.44 ms).
+HOT_CALLS = 5
+DECODE_RUN = 16  # tokens per timed run of a decode row (after a run of as many untimed)
 TRAIN_CONFIG = dict(d_model=128, n_layers=4, n_heads=4, context=64)  # SPEC 9
 TRAIN_BATCH = 12
 
@@ -214,12 +221,12 @@ def _llc_bytes():
         return 64 << 20
 
 
-def compare(name, shape, sparsity, baseline, ours, reps, warmup=2, hot=False):
+def compare(name, shape, sparsity, baseline, ours, reps, warmup=2, warm=0):
     """Median seconds of ``baseline()`` and of ``ours()``, measured in alternating repetitions.
 
-    hot: each timed call follows one untimed call of the same side, so each side finds its own
-    data in cache (alternating alone, the float32 baseline's 180 MB evict the ternary codes
-    from the last-level cache before every call of ours)."""
+    warm: untimed calls of the same side before each timed call, so each side finds its own
+    data in cache as far as it fits (alternating alone, the float32 baseline's 180 MB evict
+    the ternary codes from the last-level cache before every call of ours)."""
     for _ in range(warmup):
         baseline()
         ours()
@@ -227,7 +234,7 @@ def compare(name, shape, sparsity, baseline, ours, reps, warmup=2, hot=False):
     for r in range(reps):
         order = ((baseline, tb), (ours, to))
         for fn, times in order if r % 2 == 0 else order[::-1]:
-            if hot:
+            for _ in range(warm):
                 fn()
             t = time.perf_counter()
             fn()
@@ -254,7 +261,8 @@ def gemv_rows(quick, reps):
 
 def ternary_rows(quick, reps):
     """Packed ternary GEMV (int8 x, 2-bit W, int32 sums, SPEC 5 scaling) vs float32 dense,
-    each side hot (its weights in cache as far as they fit: compare's ``hot``). The dense row
+    each side hot (its weights in cache as far as they fit: HOT_CALLS untimed calls before
+    each timed one, see compare's ``warm``). The dense row
     packs the output-major (I2_S) codes, the sparse one the input-major codes, as pack_linear
     does for a projection with dense / sparse inputs."""
     rng = np.random.default_rng(1)
@@ -265,7 +273,8 @@ def ternary_rows(quick, reps):
             k = None if s == 0 else k_for(d_in, sparsity=s)
             packed = pack_linear(w, bits=1.58, sparse_inputs=k is not None)
             yield compare(name, f"{d_in}x{d_out}", s, lambda x=x, w=w: x @ w.T,
-                          lambda x=x, k=k, p=packed: p.gemv(x, k, "none"), reps, hot=True)
+                          lambda x=x, k=k, p=packed: p.gemv(x, k, "none"), reps,
+                          warm=HOT_CALLS)
 
 
 def ternary_cold_row(quick, reps):
@@ -286,7 +295,7 @@ def ternary_cold_row(quick, reps):
             for _ in range(copies)]
     turn = itertools.cycle(ring)
     return compare("ternary_gemv_cold", f"{d_in}x{d_out}", 0.0, lambda: x @ w.T,
-                   lambda: next(turn).gemv(x, None, "none"), reps, hot=True)
+                   lambda: next(turn).gemv(x, None, "none"), reps, warm=1)
 
 
 # --- whole models ---
@@ -311,11 +320,11 @@ def decode_rows(quick, reps):
         slow, fast = _gpt(base, "numpy"), _gpt(config, "numba")
         pack_model(fast)
         name = "decode_ternary" if "bits" in extra else "decode"
-        yield _decode_row(name, extra["sparsity"], _engine_step(slow), fast, 4 * reps)
+        yield _decode_row(name, extra["sparsity"], _engine_step(slow), fast, reps)
     tiny = dict(TRAIN_CONFIG, d_model=32, n_layers=1, n_heads=2) if quick else TRAIN_CONFIG
     model = _gpt(tiny, "numba")
     pack_model(model)
-    yield _decode_row("decode_tiny", None, _engine_step(_gpt(tiny, "numpy")), model, 4 * reps)
+    yield _decode_row("decode_tiny", None, _engine_step(_gpt(tiny, "numpy")), model, reps)
     torch_step = _torch_decode_step(slow)
     if torch_step is None:
         print("# decode_vs_torch: skipped (torch not installed)", file=sys.stderr)
@@ -324,25 +333,36 @@ def decode_rows(quick, reps):
 
     threads = _fastest_threads(torch, torch_step)
     with _torch_threads(torch, threads):
-        row = _decode_row("decode_vs_torch", 0.5, torch_step, fast, 4 * reps)
+        row = _decode_row("decode_vs_torch", 0.5, torch_step, fast, reps)
     print(f"# decode_vs_torch: PyTorch eager on {threads} intra-op thread(s), its faster "
           "setting here", file=sys.stderr)
     yield row
 
 
 def _decode_row(name, sparsity, baseline, model, reps):
-    """compare() of one decoded token, ``baseline`` against ``model``'s compiled step, with the
-    roofline field: (weight bytes per token / stream bandwidth) / our seconds per token.
+    """compare() of decoded tokens, ``baseline`` against ``model``'s compiled step, per token,
+    with the roofline field: (weight bytes per token / stream bandwidth) / our seconds per
+    token.
 
-    Hot: each timed token follows one untimed token of the same side, as tokens follow each
-    other in a decode loop (and in llama-bench's). Alternating alone, the 190 MB float
-    baseline would evict the 12 MB of ternary codes from the last-level cache before every
-    token of ours. A model whose weights fit in that cache can so beat the DRAM roofline (> 1)."""
+    Each side is timed over a run of DECODE_RUN tokens that follows an untimed run of as many,
+    as tokens follow each other in a decode loop (llama-bench, too, reports the mean of a run
+    of tokens): alternating alone, the 190 MB float baseline would evict the 12 MB of ternary
+    codes from the last-level cache before every token of ours. A model whose weights fit in
+    that cache can so beat the DRAM roofline (> 1)."""
     n = sum(p.size for _, p in model.named_parameters())
-    row = compare(name, f"{n / 1e6:.1f}M", sparsity, baseline, _compiled_step(model), reps,
-                  hot=True)
+    row = compare(name, f"{n / 1e6:.1f}M", sparsity, _run(baseline), _run(_compiled_step(model)),
+                  reps, warm=1)
+    row["baseline"] /= DECODE_RUN  # seconds per token (the ratio is the same)
     roofline = weight_bytes_per_token(model.config) / stream_bandwidth()
     return dict(row, unit="s", roofline=roofline * row["ratio"] / row["baseline"])
+
+
+def _run(step):
+    """DECODE_RUN calls of step, one after the other."""
+    def run():
+        for _ in range(DECODE_RUN):
+            step()
+    return run
 
 
 def _decode_config(quick):

@@ -48,21 +48,43 @@ def test_compare_interleaves_and_reports_the_ratio():
     assert "x" in bench._format(row)
 
 
-def test_compare_hot_runs_each_side_once_untimed_before_its_timed_call():
+def test_compare_warm_runs_each_side_untimed_before_its_timed_call():
     calls = []
 
     def side(name, seconds):
-        def fn():  # the second call of each pair (the timed one, if hot works) sleeps
+        def fn():  # the third call of each triple (the timed one, if warm works) sleeps
             calls.append(name)
-            if len(calls) % 2 == 0:
+            if len(calls) % 3 == 0:
                 time.sleep(seconds)
         return fn
 
     row = bench.compare("x", "1x1", None, side("b", 0.02), side("o", 0.01), reps=2, warmup=0,
-                        hot=True)
-    assert calls == ["b", "b", "o", "o", "o", "o", "b", "b"]
+                        warm=2)
+    assert calls == ["b"] * 3 + ["o"] * 3 + ["o"] * 3 + ["b"] * 3
     # the timed calls were the sleeping ones (sleep only bounds from below)
     assert row["baseline"] >= 0.02 and row["baseline"] / row["ratio"] >= 0.01
+
+
+def test_decode_row_times_runs_of_tokens_and_reports_seconds_per_token(monkeypatch):
+    calls = {"b": 0, "o": 0}
+
+    def baseline():
+        calls["b"] += 1
+
+    def compiled_step(model):
+        def step():
+            calls["o"] += 1
+        return step
+
+    monkeypatch.setattr(bench, "_compiled_step", compiled_step)
+    monkeypatch.setattr(bench, "compare", lambda name, shape, s, b, o, reps, warm: (
+        b(), o(), {"name": name, "shape": shape, "sparsity": s, "baseline": 0.32,
+                   "ratio": 2.0})[-1])
+    model = bench._gpt(dict(d_model=8, n_layers=1, n_heads=2, context=8), "numpy")
+    row = bench._decode_row("d", 0.5, baseline, model, reps=1)
+    assert calls == {"b": bench.DECODE_RUN, "o": bench.DECODE_RUN}
+    assert row["baseline"] == 0.32 / bench.DECODE_RUN and row["ratio"] == 2.0
+    assert row["roofline"] > 0
 
 
 def test_reps_must_be_a_positive_integer():
