@@ -20,8 +20,10 @@ Two cores, one parallel region per call (waking a thread pool costs 40-75 us, a 
 work here): each worker runs the whole forward, the cheap sequential parts redundantly in its
 own scratch and its own copy of the KV cache, and the expensive stages (the products' column
 tiles, the heads' attention, the GLU's tanh) are split by claiming: a worker takes the next
-tile of a stage with an atomic counter, writes its outputs to a buffer of that stage and counts
-it done, and before reading the stage's output spins until every tile is done. A worker alone
+tile of a stage with an atomic counter (worker 0 from the front, worker 1 from the back, so
+each prefetches only its half of the kept codes: 8-12% faster per token than both taking
+from the front), writes its outputs to a buffer of that stage and counts it done, and
+before reading the stage's output spins until every tile is done. A worker alone
 does every tile, so no schedule can deadlock (a waiting worker only waits for tiles a running
 worker holds), and a tile is computed by the same code whoever claims it: one or two workers
 give bit-equal logits. Models with under 0.5 MB of packed weights keep one worker
@@ -61,7 +63,7 @@ def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot, buffers):
     w = width.literal_value
     if w == 0:  # the portable kernel: the whole product is one tile
         def portable(width, q, idx, codes, y, sync, slot, buffers):
-            if _claim(sync, slot) == 0:
+            if _claim(sync, slot, 1) == 0:
                 cols = codes.shape[1]
                 y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16),
                                                4 * cols)
@@ -81,10 +83,22 @@ def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot, buffers):
     return None
 
 
+CLAIMED_BACK = 1 << 32  # a stage's claim counter: tiles claimed from the front + this * back
+
+
 @njit(cache=True, inline="always")
-def _claim(sync, slot):
-    """The next unclaimed tile of product ``slot`` (sync[0] [2 S] int64: claimed, then done)."""
-    return atomic_add(sync[0], slot, 1)
+def _claim(sync, slot, n_tiles):
+    """The next unclaimed tile of stage ``slot`` from this worker's end (sync[4] = (worker,
+    workers): worker 0 takes tiles from the front, the others from the back), or n_tiles when
+    none is left. One counter holds both ends' claims (sync[0]
+    [2 S] int64: claimed, then done), so one atomic add both claims and sees the other end's
+    claims: tile f from the front is taken iff f + b < n_tiles, the back's likewise."""
+    back = sync[4][0] > 0
+    old = atomic_add(sync[0], slot, CLAIMED_BACK if back else 1)
+    front, behind = old % CLAIMED_BACK, old // CLAIMED_BACK
+    if front + behind >= n_tiles:
+        return n_tiles
+    return n_tiles - 1 - behind if back else front
 
 
 @njit(cache=True, inline="always")
@@ -112,12 +126,12 @@ def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
     cols = codes.shape[1]
     n_tiles = cols // width
     lanes = lane_bytes(width)
-    t = _claim(sync, slot)
+    t = _claim(sync, slot, n_tiles)
     while t < n_tiles:
         _tiles(width, codes, rows, xpairs, t, t + 1, scratch, sums)
         _scatter(sums[0], t * width, width, cols, q_sum, lanes, 4 * cols, y)
         _release(sync, slot)
-        t = _claim(sync, slot)
+        t = _claim(sync, slot, n_tiles)
     return n_tiles
 
 
@@ -142,7 +156,8 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     Ternary when codes [D_in, n Q] has rows (the group's codes side by side: one kept row is
     n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M).
     The product itself is shared: its tiles go to the workers that claim them (product
-    ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B))."""
+    ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B; the
+    other stages' vectors; (worker, workers)))."""
     q8, a, idx = scratch[:3]
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
@@ -156,11 +171,11 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     kept = idx[:count]
     if not ternary:
         y = sync[2][slot % sync[2].shape[0]]
-        m = _claim(sync, slot)
+        m = _claim(sync, slot, n_mats)
         while m < n_mats:  # a tile: one weight (sparse_matmul's kernel, whole rows)
             y[m * d_out:(m + 1) * d_out] = _float_gemv(x, kept, wt[m])
             _release(sync, slot)
-            m = _claim(sync, slot)
+            m = _claim(sync, slot, n_mats)
         _wait(sync, slot, n_mats)
         for m in range(n_mats):
             for o in range(d_out):
@@ -169,9 +184,14 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
     # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
     cols = codes.shape[1]
-    for i in kept:  # every line of the kept rows asked for at once: the loads overlap
+    # every line of the tiles this worker will likely claim, asked for at once (the loads
+    # overlap): each kept row's front half from the front end, its back half from the back
+    # (a lone worker: the whole row)
+    half = (cols // 2 + 63) // 64 * 64 if sync[4][1] > 1 else cols
+    first, end = (cols - half, cols) if sync[4][0] > 0 else (0, half)
+    for i in kept:
         row = codes[i]
-        for j in range(0, cols, 64):
+        for j in range(first, end, 64):
             prefetch(row, j)
     acc = sync[1][slot % sync[1].shape[0]]
     _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot, scratch[3:]))
@@ -228,7 +248,7 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, s
             v_cache[layer, hd, pos, j] = v[o + j]
     att_out = sync[3][(slot + 1) % sync[3].shape[0], :d]
     qh = np.empty(dh, np.float32)
-    hd = _claim(sync, slot + 1)
+    hd = _claim(sync, slot + 1, n_heads)
     while hd < n_heads:  # a head is a tile
         o = hd * dh
         for j in range(dh):
@@ -236,7 +256,7 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, s
             qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
         _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, att_out[o:o + dh])
         _release(sync, slot + 1)
-        hd = _claim(sync, slot + 1)
+        hd = _claim(sync, slot + 1, n_heads)
     _wait(sync, slot + 1, n_heads)
     _products(width, att_out, codes[1][layer], wts[1][layer], sc[3:4], sparse[0],
               taus[layer, 1], l2, scratch, outs, sync, slot + 2)
@@ -246,8 +266,9 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, s
               scratch, outs, sync, slot + 3)
     u, g = outs[0, :f], outs[1, :f]
     act = sync[3][(slot + 4) % sync[3].shape[0], :f]
-    t = _claim(sync, slot + 4)
-    while t * FLOAT_CHUNK < f:  # FLOAT_CHUNK outputs of the GLU are a tile (tanh is slow)
+    n_chunks = (f + FLOAT_CHUNK - 1) // FLOAT_CHUNK
+    t = _claim(sync, slot + 4, n_chunks)
+    while t < n_chunks:  # FLOAT_CHUNK outputs of the GLU are a tile (tanh is slow)
         for j in range(t * FLOAT_CHUNK, min(t * FLOAT_CHUNK + FLOAT_CHUNK, f)):
             if relu2:
                 act[j] = u[j] * max(g[j], np.float32(0)) ** 2
@@ -255,8 +276,8 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, s
                 act[j] = u[j] * (g[j] * (np.float32(0.5) * (
                     np.float32(1) + np.tanh(np.float32(0.5) * g[j]))))
         _release(sync, slot + 4)
-        t = _claim(sync, slot + 4)
-    _wait(sync, slot + 4, (f + FLOAT_CHUNK - 1) // FLOAT_CHUNK)
+        t = _claim(sync, slot + 4, n_chunks)
+    _wait(sync, slot + 4, n_chunks)
     _products(width, act, codes[3][layer], wts[3][layer], sc[6:7], sparse[1], taus[layer, 3],
               l2, scratch, outs, sync, slot + 5)
     x += outs[0, :d]
@@ -304,12 +325,13 @@ def _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
     c0, c1, c2, c3 = codes
     w0, w1, w2, w3 = wts
     (sel0, k0, n0, m0), (sel1, k1, n1, m1) = sparse
-    counters, ints, floats, vectors = sync
+    counters, ints, floats, vectors, _ = sync
     for w in prange(k_cache.shape[0]):
         parts = (norms, (c0, c1, c2, c3), (w0, w1, w2, w3), scales, taus, cos, sin, n_heads,
                  ((sel0, k0, n0, m0), (sel1, k1, n1, m1)), l2, relu2, eps)
         _worker(width, tokens, pos0, tok_emb, final_norm, parts, k_cache[w], v_cache[w],
-                (counters, ints, floats, vectors), logits[w])
+                (counters, ints, floats, vectors, (np.int64(w), np.int64(k_cache.shape[0]))),
+                logits[w])
 
 
 @njit(cache=True)
@@ -329,7 +351,8 @@ def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     n_int = max([4 * c.shape[2] for c in codes])
     n_float = max([w.shape[1] * w.shape[3] if w.shape[2] else 0 for w in wts])
     sync = (counters, np.empty((rows, n_int), np.int32), np.empty((rows, n_float), np.float32),
-            np.empty((rows, max(tok_emb.shape[1], wts[2].shape[3])), np.float32))
+            np.empty((rows, max(tok_emb.shape[1], wts[2].shape[3])), np.float32),
+            (np.int64(0), n_workers))  # typed as in _spread: one compiled _worker serves both
     logits = np.empty((n_workers, n, tok_emb.shape[0]), np.float32)
     if n_workers == 1:
         _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache[0], v_cache[0], sync,
