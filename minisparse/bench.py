@@ -262,9 +262,9 @@ def gemv_rows(quick, reps):
 def ternary_rows(quick, reps):
     """Packed ternary GEMV (int8 x, 2-bit W, int32 sums, SPEC 5 scaling) vs float32 dense,
     each side hot (its weights in cache as far as they fit: HOT_CALLS untimed calls before
-    each timed one, see compare's ``warm``). The dense row
-    packs the output-major (I2_S) codes, the sparse one the input-major codes, as pack_linear
-    does for a projection with dense / sparse inputs."""
+    each timed one, see compare's ``warm``). The dense row packs the output-major (I2_S)
+    codes, the sparse one the input-major codes, as pack_linear does for a projection with
+    dense / sparse inputs."""
     rng = np.random.default_rng(1)
     for d_in, d_out in [(256, 512)] if quick else GEMV_SHAPES:
         w = rng.standard_normal((d_out, d_in), dtype=np.float32)

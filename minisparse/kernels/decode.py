@@ -90,9 +90,9 @@ CLAIMED_BACK = 1 << 32  # a stage's claim counter: tiles claimed from the front 
 def _claim(sync, slot, n_tiles):
     """The next unclaimed tile of stage ``slot`` from this worker's end (sync[4] = (worker,
     workers): worker 0 takes tiles from the front, the others from the back), or n_tiles when
-    none is left. One counter holds both ends' claims (sync[0]
-    [2 S] int64: claimed, then done), so one atomic add both claims and sees the other end's
-    claims: tile f from the front is taken iff f + b < n_tiles, the back's likewise."""
+    none is left. One counter holds both ends' claims (sync[0] [2 S] int64: claimed, then
+    done), so one atomic add both claims and sees the other end's claims: tile f from the
+    front is taken iff f + b < n_tiles, the back's likewise."""
     back = sync[4][0] > 0
     old = atomic_add(sync[0], slot, CLAIMED_BACK if back else 1)
     front, behind = old % CLAIMED_BACK, old // CLAIMED_BACK
