@@ -11,7 +11,7 @@ from strategies import float_arrays
 from minisparse.calibrate import collect_inputs
 from minisparse.generate import compiled_decoder, generate
 from minisparse.kernels import pack_model, topk_indices, unpack_model
-from minisparse.kernels.decode import Decoder, decoder_for
+from minisparse.kernels.decode import Decoder, _claim_run, decoder_for
 from minisparse.kernels.token import quantize as _quantize
 from minisparse.kernels.token import token_outputs
 from minisparse.kernels.token import top_codes as _top_codes
@@ -149,6 +149,34 @@ def test_top_codes_equal_topk_indices(codes, data):
     idx = np.full(q.shape[0], -1, np.int64)
     assert _top_codes(q, k, idx) == k
     np.testing.assert_array_equal(idx[:k], topk_indices(q.astype(np.float32), k))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.lists(st.booleans(), max_size=12))
+def test_claimed_runs_take_every_tile_exactly_once(n_tiles, size, turns):
+    """Two workers ask for runs of ``size`` tiles in any interleaving (the drawn turns, then
+    in turn), each until it gets an empty run, as _simd_tiles does: the front's runs go up
+    from 0, the back's down from n_tiles, and together they cover every tile once."""
+    counters = np.zeros(2, np.int64)
+    runs = {0: [], 1: []}
+    asking = {0, 1}
+    turns = [int(t) for t in turns] + [0, 1] * (n_tiles + 1)
+    for worker in turns:
+        if worker not in asking:
+            continue
+        sync = (counters, 0, 0, 0, (np.int64(worker), np.int64(2)))
+        lo, hi = _claim_run(sync, 0, n_tiles, size)
+        if lo == hi:
+            asking.discard(worker)
+        else:
+            assert 0 <= lo < hi <= n_tiles and hi - lo <= size
+            runs[worker].append((lo, hi))
+    assert not asking
+    front = [t for lo, hi in runs[0] for t in range(lo, hi)]
+    back = [t for lo, hi in runs[1] for t in range(lo, hi)]
+    assert front == list(range(len(front)))  # contiguous from the front
+    assert sorted(back) == list(range(n_tiles - len(back), n_tiles))  # and from the back
+    assert sorted(front + back) == list(range(n_tiles))
 
 
 @pytest.mark.parametrize("cached", [1, 4])

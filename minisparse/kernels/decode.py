@@ -7,7 +7,8 @@ inputs (top-K, SPEC 1; N:M blocks, SPEC 2; or |A(x)| > tau, SPEC 11; with SPEC 1
 the q/k/v products, RoPE, attention over the KV cache, o, RMSNorm, up/gate, the GLU, down; then
 the final norm and the tied head. The projections are the packed kernels (``PackedLinear.gemv``'s
 math: exact int32 sums / (s_x s_w) for ternary, the kept rows of W^T for float), the rest
-follows the reference op for op in float32, so the logits equal the engine's up to float
+follows the reference op for op in float32 (RMSNorm bit for bit, with NumPy's pairwise mean;
+the GLU's tanh correctly rounded, ``tanh32``), so the logits equal the engine's up to float
 rounding (attention sums in another order) and, where that moves an int8 code across a
 rounding boundary (SPEC 3), by one code.
 
@@ -19,12 +20,13 @@ per call. MoE configs get ``decoder_for(model) is None`` and keep the engine pat
 Two cores, one parallel region per call (waking a thread pool costs 40-75 us, a whole layer's
 work here): each worker runs the whole forward, the cheap sequential parts redundantly in its
 own scratch and its own copy of the KV cache, and the expensive stages (the products' column
-tiles, the heads' attention, the GLU's tanh) are split by claiming: a worker takes the next
-tile of a stage with an atomic counter (worker 0 from the front, worker 1 from the back, so
-each prefetches only its half of the kept codes: 8-12% faster per token than both taking
-from the front), writes its outputs to a buffer of that stage and counts it done, and
-before reading the stage's output spins until every tile is done. A worker alone
-does every tile, so no schedule can deadlock (a waiting worker only waits for tiles a running
+tiles, the heads' attention) are split by claiming: a worker takes the next run of tiles of
+a stage with an atomic counter (worker 0 from the front, worker 1 from the back, so each
+reads one contiguous half of every kept row), writes its outputs to a buffer of that stage
+and counts them done, and before reading the stage's output spins until every tile is done.
+A claim is an atomic add on a line both cores write (~0.2 us), so a worker asks for its whole
+share at once, and the GLU, cheaper than that, is done by both. A worker alone does every
+tile, so no schedule can deadlock (a waiting worker only waits for tiles a running
 worker holds), and a tile is computed by the same code whoever claims it: one or two workers
 give bit-equal logits. Models with under 0.5 MB of packed weights keep one worker
 (``WORKERS_FROM``). The SIMD level of the ternary products is a compile-time constant
@@ -43,10 +45,22 @@ from numba.extending import overload
 
 from ..sparsity import k_for
 from .atomics import atomic_add, atomic_load
+from .pairwise import pairwise_sum
 from .simd import _pairs, _scatter, _tiles, lane_bytes, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
-from .ternary import _ternary_serial, prefetch
-from .token import ALL, BLOCK, THRESHOLD, TOPK, l2_factor, rescale_sums, select, ternary_inputs
+from .tanh import tanh32
+from .ternary import _ternary_serial
+from .token import (
+    ALL,
+    BLOCK,
+    THRESHOLD,
+    TOPK,
+    _abs_max,
+    l2_factor,
+    rescale_sums,
+    select,
+    ternary_inputs,
+)
 
 
 def _ternary_tiles(width, q, idx, codes, y, sync, slot, buffers):
@@ -83,28 +97,39 @@ def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot, buffers):
     return None
 
 
-CLAIMED_BACK = 1 << 32  # a stage's claim counter: tiles claimed from the front + this * back
+CLAIMED_BACK = 1 << 32  # a stage's claim counter: tiles asked for from the front + this * back
+
+
+@njit(cache=True, inline="always")
+def _claim_run(sync, slot, n_tiles, size):
+    """The next run [lo, hi) of at most ``size`` unclaimed tiles of stage ``slot`` from this
+    worker's end (sync[4] = (worker, workers): worker 0 takes tiles from the front, the others
+    from the back), lo == hi when none is left. One counter holds both ends' requests (sync[0]
+    [2 S] int64: asked for, then done), so one atomic add both asks for ``size`` tiles and sees
+    what the other end asked for before: a run stops where the other end's requests begin.
+    Whichever add comes second sees the first, so no tile is taken twice, and a worker asks
+    until the two ends' requests cover all n_tiles, so none is left out."""
+    back = sync[4][0] > 0
+    old = atomic_add(sync[0], slot, size * CLAIMED_BACK if back else size)
+    front, behind = old % CLAIMED_BACK, old // CLAIMED_BACK
+    lo, hi = front, min(front + size, n_tiles - behind)
+    if back:
+        lo, hi = max(n_tiles - behind - size, front), n_tiles - behind
+    return (lo, hi) if lo < hi else (0, 0)
 
 
 @njit(cache=True, inline="always")
 def _claim(sync, slot, n_tiles):
-    """The next unclaimed tile of stage ``slot`` from this worker's end (sync[4] = (worker,
-    workers): worker 0 takes tiles from the front, the others from the back), or n_tiles when
-    none is left. One counter holds both ends' claims (sync[0] [2 S] int64: claimed, then
-    done), so one atomic add both claims and sees the other end's claims: tile f from the
-    front is taken iff f + b < n_tiles, the back's likewise."""
-    back = sync[4][0] > 0
-    old = atomic_add(sync[0], slot, CLAIMED_BACK if back else 1)
-    front, behind = old % CLAIMED_BACK, old // CLAIMED_BACK
-    if front + behind >= n_tiles:
-        return n_tiles
-    return n_tiles - 1 - behind if back else front
+    """The next unclaimed tile of stage ``slot`` (``_claim_run`` of one), or n_tiles when none
+    is left."""
+    lo, hi = _claim_run(sync, slot, n_tiles, 1)
+    return lo if lo < hi else n_tiles
 
 
 @njit(cache=True, inline="always")
-def _release(sync, slot):
-    """One more tile of product ``slot`` is written (its stores published before the count)."""
-    atomic_add(sync[0], sync[0].shape[0] // 2 + slot, 1)
+def _release(sync, slot, n=1):
+    """n more tiles of product ``slot`` are written (their stores published before the count)."""
+    atomic_add(sync[0], sync[0].shape[0] // 2 + slot, n)
 
 
 @njit(cache=True, inline="always")
@@ -119,34 +144,57 @@ def _wait(sync, slot, n_tiles):
 
 @njit(cache=True, inline="always")
 def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
-    # simd._gemv_serial's tiles, each computed by whichever worker claims it, in the worker's
-    # buffers (pairs int64 [D + 1], int16 [D // 2 + 1]; one tile's int32 and int16 sums)
+    # simd._gemv_serial's tiles, computed by whichever worker claims them, in the worker's
+    # buffers (pairs int64 [D + 1], int16 [D // 2 + 1]; the int32 sums of a run of tiles, one
+    # tile's int16 sums). A worker asks for its share of the tiles at once: one run reads
+    # each kept row's bytes of the run front to back (_tiles), 1.5x faster than a tile at a
+    # time, which reads every kept row once per tile
     pair_rows, pair_q, sums, scratch = buffers
     rows, xpairs, q_sum = _pairs(q, idx, pair_rows, pair_q)
     cols = codes.shape[1]
     n_tiles = cols // width
+    share = -(-n_tiles // sync[4][1])
     lanes = lane_bytes(width)
-    t = _claim(sync, slot, n_tiles)
-    while t < n_tiles:
-        _tiles(width, codes, rows, xpairs, t, t + 1, scratch, sums)
-        _scatter(sums[0], t * width, width, cols, q_sum, lanes, 4 * cols, y)
-        _release(sync, slot)
-        t = _claim(sync, slot, n_tiles)
+    lo, hi = _claim_run(sync, slot, n_tiles, share)
+    while lo < hi:
+        _tiles(width, codes, rows, xpairs, lo, hi, scratch, sums)
+        for t in range(lo, hi):
+            _scatter(sums[t - lo], t * width, width, cols, q_sum, lanes, 4 * cols, y)
+        _release(sync, slot, hi - lo)
+        lo, hi = _claim_run(sync, slot, n_tiles, share)
     return n_tiles
 
 
-@njit(cache=True, inline="always")
-def _rmsnorm(x, g, eps):
-    # SPEC 6 in float32 as the engine computes it: r = 1 / sqrt(mean(x^2) + eps), (x r) g
-    acc = np.float32(0)
+@njit(cache=True, error_model="numpy")
+def _rmsnorm(x, g, eps, out):
+    """out [d] = SPEC 6 (overflow-safe, SPEC 1) for x, g [d] float32 as functions.rmsnorm
+    computes it, bit for bit: m = max(max|x|, 1), s = x / m, (s / sqrt(mean(s^2) + eps / m / m))
+    g, the mean in NumPy's pairwise order (out holds s^2 meanwhile); returns out."""
+    one = np.float32(1)
+    m = max(np.float32(_abs_max(x)), one)
     for j in range(x.shape[0]):
-        acc += x[j] * x[j]
-    r = np.float32(1) / np.sqrt(acc / np.float32(x.shape[0]) + np.float32(eps))
-    return (x * r) * g
+        out[j] = (x[j] / m) * (x[j] / m)
+    mean = np.float32(pairwise_sum(out) / np.float32(x.shape[0]))
+    r = one / np.sqrt(mean + np.float32(eps) / m / m)
+    for j in range(x.shape[0]):
+        out[j] = ((x[j] / m) * r) * g[j]
+    return out
 
 
-FLOAT_CHUNK = 128  # outputs per shared tile of the GLU
-STAGES = 6  # shared stages per block and position: q k v, attention, o, up gate, GLU, down
+@njit(cache=True, error_model="numpy")
+def _glu(u, g, relu2, lo, hi, act):
+    """act[j] = u_j a(g_j) for j in [lo, hi): a = relu2 (max(g, 0)^2) or silu (g sigmoid(g),
+    the sigmoid as functions.sigmoid: (1 + tanh(g / 2)) / 2) in float32. tanh32 keeps the loop
+    free of calls, and the numpy error model of its division check, so it vectorises."""
+    half, one = np.float32(0.5), np.float32(1)
+    for j in range(lo, hi):
+        if relu2:
+            act[j] = u[j] * max(g[j], np.float32(0)) ** 2
+        else:
+            act[j] = u[j] * (g[j] * (half * (one + tanh32(half * g[j]))))
+
+
+STAGES = 5  # shared stages per block and position: q k v, attention, o, up gate, down
 
 
 @njit(cache=True, inline="always")
@@ -157,7 +205,7 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M).
     The product itself is shared: its tiles go to the workers that claim them (product
     ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B; the
-    other stages' vectors; (worker, workers)))."""
+    attention's outputs [B, d]; (worker, workers)))."""
     q8, a, idx = scratch[:3]
     d_in, n_mats, d_out = x.shape[0], wt.shape[0], wt.shape[2]
     ternary = codes.shape[0] > 0
@@ -184,15 +232,6 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
     # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
     cols = codes.shape[1]
-    # every line of the tiles this worker will likely claim, asked for at once (the loads
-    # overlap): each kept row's front half from the front end, its back half from the back
-    # (a lone worker: the whole row)
-    half = (cols // 2 + 63) // 64 * 64 if sync[4][1] > 1 else cols
-    first, end = (cols - half, cols) if sync[4][0] > 0 else (0, half)
-    for i in kept:
-        row = codes[i]
-        for j in range(first, end, 64):
-            prefetch(row, j)
     acc = sync[1][slot % sync[1].shape[0]]
     _wait(sync, slot, _ternary_tiles(width, q, kept, codes, acc, sync, slot, scratch[3:]))
     cols_m = cols // n_mats
@@ -204,19 +243,36 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
                          outs[m, plane * cols_m:plane * cols_m + n])
 
 
+@njit(cache=True, inline="always")
+def _rope(x, c, s, out):
+    """out [dh] = x c + rotate_half(x) s for one head x [dh] (SPEC 6 RoPE, half-split:
+    rotate_half([x1, x2]) = [-x2, x1]), in two loops over the halves, which vectorise."""
+    half = x.shape[0] // 2
+    for j in range(half):
+        out[j] = x[j] * c[j] + -x[j + half] * s[j]
+    for j in range(half, x.shape[0]):
+        out[j] = x[j] * c[j] + x[j - half] * s[j]
+
+
 @njit(cache=True, fastmath=True)
-def _attend(qh, keys, values, n, out):
-    """out [dh] = softmax(K qh) V over the first n cached positions (keys, values [T, dh]).
-    fastmath: the score dot products may reassociate (float rounding only), which lets LLVM
-    vectorise them; the value sums run over positions in order, a vector of dh at a time."""
-    scores = np.empty(n, np.float32)
+def _attend(qh, keys, values, n, scores, out):
+    """out [dh] = softmax(K qh) V over the first n cached positions (keys, values [T, dh]),
+    scores [>= n] the caller's scratch. fastmath: the sums may reassociate (float rounding
+    only), which lets LLVM vectorise them; the value sums run over positions in order, a
+    vector of dh at a time."""
+    top = np.float32(-np.inf)
     for t in range(n):
         acc = np.float32(0)
         for j in range(qh.shape[0]):
             acc += qh[j] * keys[t, j]
         scores[t] = acc
-    scores = np.exp(scores - scores.max())
-    scores /= scores.sum()
+        top = max(top, acc)
+    total = np.float32(0)
+    for t in range(n):
+        scores[t] = np.exp(scores[t] - top)
+        total += scores[t]
+    for t in range(n):
+        scores[t] /= total
     out[:] = 0
     for t in range(n):
         for j in range(qh.shape[0]):
@@ -224,66 +280,52 @@ def _attend(qh, keys, values, n, out):
 
 
 @njit(cache=True, inline="always")
-def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, outs, sync, slot):
+def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, own, outs, sync, slot):
     """Block ``layer`` for one position: x [d] updated in place; k_cache / v_cache
-    [L, H, T, dh] get the position's keys and values. The four groups of projections (q k v,
-    o, up gate, down) are ``model``'s codes / wts [layer] (see ``Decoder``). Shared stages
-    slot .. slot + STAGES - 1: the products, the heads' attention, the GLU."""
+    [L, H, T, dh] get the position's keys and values (own [d + dh + T]: this worker's normed
+    input, and a head's query and scores). The four groups of projections (q k v, o, up gate,
+    down) are ``model``'s codes / wts [layer] (see ``Decoder``). Shared stages slot ..
+    slot + STAGES - 1: the products and the heads' attention (the GLU is done by both)."""
     norms, codes, wts, scales, taus, cos, sin, n_heads, sparse, l2, relu2, eps = model
     d = x.shape[0]
     dh = d // n_heads
-    half = dh // 2
     inv = np.float32(1.0 / math.sqrt(dh))
     f = wts[2].shape[3]
     sc = scales[layer]
-    h = _rmsnorm(x, norms[layer, 0], eps)
+    h, qh, scores = own[:d], own[d:d + dh], own[d + dh:]
+    _rmsnorm(x, norms[layer, 0], eps, h)
     _products(width, h, codes[0][layer], wts[0][layer], sc[0:3], sparse[0], taus[layer, 0], l2,
               scratch, outs, sync, slot)
     q, kk, v = outs[0], outs[1], outs[2]
     for hd in range(n_heads):  # every worker fills its own cache
-        o = hd * dh
-        for j in range(dh):  # RoPE, half-split: rotate_half([x1, x2]) = [-x2, x1]
-            kpartner = -kk[o + j + half] if j < half else kk[o + j - half]
-            k_cache[layer, hd, pos, j] = kk[o + j] * cos[pos, j] + kpartner * sin[pos, j]
-            v_cache[layer, hd, pos, j] = v[o + j]
+        _rope(kk[hd * dh:(hd + 1) * dh], cos[pos], sin[pos], k_cache[layer, hd, pos])
+        v_cache[layer, hd, pos] = v[hd * dh:(hd + 1) * dh]
     att_out = sync[3][(slot + 1) % sync[3].shape[0], :d]
-    qh = np.empty(dh, np.float32)
-    hd = _claim(sync, slot + 1, n_heads)
-    while hd < n_heads:  # a head is a tile
-        o = hd * dh
-        for j in range(dh):
-            partner = -q[o + j + half] if j < half else q[o + j - half]
-            qh[j] = (q[o + j] * cos[pos, j] + partner * sin[pos, j]) * inv
-        _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, att_out[o:o + dh])
-        _release(sync, slot + 1)
-        hd = _claim(sync, slot + 1, n_heads)
+    share = -(-n_heads // sync[4][1])  # a head is a tile; a worker asks for its share at once
+    lo, hi = _claim_run(sync, slot + 1, n_heads, share)
+    while lo < hi:
+        for hd in range(lo, hi):
+            _rope(q[hd * dh:(hd + 1) * dh], cos[pos], sin[pos], qh)
+            qh *= inv
+            _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, scores,
+                    att_out[hd * dh:(hd + 1) * dh])
+        _release(sync, slot + 1, hi - lo)
+        lo, hi = _claim_run(sync, slot + 1, n_heads, share)
     _wait(sync, slot + 1, n_heads)
     _products(width, att_out, codes[1][layer], wts[1][layer], sc[3:4], sparse[0],
               taus[layer, 1], l2, scratch, outs, sync, slot + 2)
     x += outs[0, :d]
-    h = _rmsnorm(x, norms[layer, 1], eps)
+    _rmsnorm(x, norms[layer, 1], eps, h)
     _products(width, h, codes[2][layer], wts[2][layer], sc[4:6], sparse[0], taus[layer, 2], l2,
               scratch, outs, sync, slot + 3)
-    u, g = outs[0, :f], outs[1, :f]
-    act = sync[3][(slot + 4) % sync[3].shape[0], :f]
-    n_chunks = (f + FLOAT_CHUNK - 1) // FLOAT_CHUNK
-    t = _claim(sync, slot + 4, n_chunks)
-    while t < n_chunks:  # FLOAT_CHUNK outputs of the GLU are a tile (tanh is slow)
-        for j in range(t * FLOAT_CHUNK, min(t * FLOAT_CHUNK + FLOAT_CHUNK, f)):
-            if relu2:
-                act[j] = u[j] * max(g[j], np.float32(0)) ** 2
-            else:
-                act[j] = u[j] * (g[j] * (np.float32(0.5) * (
-                    np.float32(1) + np.tanh(np.float32(0.5) * g[j]))))
-        _release(sync, slot + 4)
-        t = _claim(sync, slot + 4, n_chunks)
-    _wait(sync, slot + 4, n_chunks)
+    act = outs[2, :f]  # v's row, free by now; down writes only row 0, after reading act
+    _glu(outs[0, :f], outs[1, :f], relu2, 0, f, act)
     _products(width, act, codes[3][layer], wts[3][layer], sc[6:7], sparse[1], taus[layer, 3],
-              l2, scratch, outs, sync, slot + 5)
+              l2, scratch, outs, sync, slot + 4)
     x += outs[0, :d]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # no zero check per division: the loops vectorise
 def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits):
     """logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
     ones, as one worker computes them. Layer by layer, every position through a block before
@@ -297,22 +339,26 @@ def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
     n_layers = norms.shape[0]
     widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
     # scratch of every projection, allocated once per call: codes, A(x), kept positions, the
-    # ternary tiles' buffers (see _simd_tiles: a tile is at most ``width`` bytes, 4 width
-    # outputs; the portable kernel uses none); outputs of up to three weights
+    # ternary tiles' buffers (see _simd_tiles: a run of up to Q / 32 tiles of at most
+    # ``width`` bytes, 4 width outputs each; the portable kernel uses none); outputs of up to
+    # three weights
     scratch = (np.empty(widest, np.int8), np.empty(widest, np.float32),
                np.empty(widest, np.int64), np.empty(widest + 1, np.int64),
-               np.empty(widest // 2 + 1, np.int16), np.empty((1, 4 * width), np.int32),
+               np.empty(widest // 2 + 1, np.int16),
+               np.empty((max([c.shape[2] for c in model[1]]) // 32 + 1, 4 * width), np.int32),
                np.empty(4 * width, np.int16))
     outs = np.empty((3, widest), np.float32)
+    # this worker's own floats: the normed input [d], a head's query [dh] and scores [T]
+    own = np.empty(tok_emb.shape[1] + k_cache.shape[3] + k_cache.shape[2], np.float32)
     x = np.empty((n, tok_emb.shape[1]), np.float32)
     for r in range(n):
         x[r] = tok_emb[tokens[r]]
     for layer in range(n_layers):
         for r in range(n):
-            _block(width, layer, pos0 + r, x[r], model, k_cache, v_cache, scratch, outs, sync,
-                   STAGES * (r * n_layers + layer))
+            _block(width, layer, pos0 + r, x[r], model, k_cache, v_cache, scratch, own, outs,
+                   sync, STAGES * (r * n_layers + layer))
     for r in range(n):
-        logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps)
+        logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps, own[:x.shape[1]])
 
 
 @njit(parallel=True, cache=True)
@@ -351,7 +397,7 @@ def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     n_int = max([4 * c.shape[2] for c in codes])
     n_float = max([w.shape[1] * w.shape[3] if w.shape[2] else 0 for w in wts])
     sync = (counters, np.empty((rows, n_int), np.int32), np.empty((rows, n_float), np.float32),
-            np.empty((rows, max(tok_emb.shape[1], wts[2].shape[3])), np.float32),
+            np.empty((rows, tok_emb.shape[1]), np.float32),
             (np.int64(0), n_workers))  # typed as in _spread: one compiled _worker serves both
     logits = np.empty((n_workers, n, tok_emb.shape[0]), np.float32)
     if n_workers == 1:
