@@ -147,8 +147,8 @@ def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
     # simd._gemv_serial's tiles, computed by whichever worker claims them, in the worker's
     # buffers (pairs int64 [D + 1], int16 [D // 2 + 1]; the int32 sums of a run of tiles, one
     # tile's int16 sums). A worker asks for its share of the tiles at once: one run reads
-    # each kept row's bytes of the run front to back (_tiles), 1.5x faster than a tile at a
-    # time, which reads every kept row once per tile
+    # each kept row's bytes of the run front to back (_tiles), where a tile at a time reads
+    # every kept row once per tile (a 48.3M model's products, one thread: 1.5x faster)
     pair_rows, pair_q, sums, scratch = buffers
     rows, xpairs, q_sum = _pairs(q, idx, pair_rows, pair_q)
     cols = codes.shape[1]
@@ -184,8 +184,8 @@ def _rmsnorm(x, g, eps, out):
 @njit(cache=True, error_model="numpy")
 def _glu(u, g, relu2, lo, hi, act):
     """act[j] = u_j a(g_j) for j in [lo, hi): a = relu2 (max(g, 0)^2) or silu (g sigmoid(g),
-    the sigmoid as functions.sigmoid: (1 + tanh(g / 2)) / 2) in float32. tanh32 keeps the loop
-    free of calls, and the numpy error model of its division check, so it vectorises."""
+    the sigmoid as functions.sigmoid: (1 + tanh(g / 2)) / 2) in float32. With tanh32 the loop
+    calls nothing, and the numpy error model checks no division for zero: it vectorises."""
     half, one = np.float32(0.5), np.float32(1)
     for j in range(lo, hi):
         if relu2:
