@@ -3,8 +3,10 @@
 Layout: a projection W [D_out, D_in] (nn.Linear) is packed once as Wt = W.T, C-contiguous
 [D_in, D_out]. Then y = W (x ⊙ M) = Σ_{i kept} x_i Wt[i, :] reads one contiguous row per kept
 input -- (1 - S) of the weight bytes, streamed in order -- and the inner loop over outputs is an
-axpy that LLVM vectorises to AVX2 FMAs. Four kept rows are added per pass so the accumulator is
-loaded and stored once per four weight rows (the loop is limited by memory traffic).
+axpy that LLVM vectorises to AVX2 FMAs. Eight kept rows are added per pass: the accumulator is
+loaded and stored once per eight weight rows, and eight rows stream from memory side by side
+(the loop is limited by memory traffic; eight measured 1.1x faster than four on weights that
+come from DRAM, sixteen no faster than eight).
 """
 
 from __future__ import annotations
@@ -29,16 +31,18 @@ FMA = {"contract"}
 
 @njit(cache=True, inline="always")
 def _axpy_rows(x, idx, lo, hi, wt, acc):
-    """acc[:] += Σ_{p in [lo, hi)} x[idx[p]] * wt[idx[p], :]  (four rows per pass)."""
+    """acc[:] += Σ_{p in [lo, hi)} x[idx[p]] * wt[idx[p], :]  (eight rows per pass)."""
     n = acc.shape[0]
     p = lo
-    while p + 4 <= hi:
-        i0, i1, i2, i3 = idx[p], idx[p + 1], idx[p + 2], idx[p + 3]
-        x0, x1, x2, x3 = x[i0], x[i1], x[i2], x[i3]
+    while p + 8 <= hi:
+        i0, i1, i2, i3, i4, i5, i6, i7 = idx[p:p + 8]
+        x0, x1, x2, x3, x4, x5, x6, x7 = x[i0], x[i1], x[i2], x[i3], x[i4], x[i5], x[i6], x[i7]
         w0, w1, w2, w3 = wt[i0], wt[i1], wt[i2], wt[i3]
-        for o in range(n):
-            acc[o] = acc[o] + x0 * w0[o] + x1 * w1[o] + x2 * w2[o] + x3 * w3[o]  # 4 FMAs
-        p += 4
+        w4, w5, w6, w7 = wt[i4], wt[i5], wt[i6], wt[i7]
+        for o in range(n):  # 8 FMAs
+            acc[o] = (acc[o] + x0 * w0[o] + x1 * w1[o] + x2 * w2[o] + x3 * w3[o]
+                      + x4 * w4[o] + x5 * w5[o] + x6 * w6[o] + x7 * w7[o])
+        p += 8
     while p < hi:
         x0, w0 = x[idx[p]], wt[idx[p]]
         for o in range(n):
