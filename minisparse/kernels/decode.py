@@ -45,6 +45,8 @@ from numba.extending import overload
 
 from ..sparsity import k_for
 from .atomics import atomic_add, atomic_load
+from .attention import _rope
+from .glu import RELU2, SILU, _act
 from .pairwise import pairwise_sum
 from .simd import _pairs, _scatter, _tiles, lane_bytes, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
@@ -182,16 +184,15 @@ def _rmsnorm(x, g, eps, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _glu(u, g, relu2, lo, hi, act):
-    """act[j] = u_j a(g_j) for j in [lo, hi): a = relu2 (max(g, 0)^2) or silu (g sigmoid(g),
-    the sigmoid as functions.sigmoid: (1 + tanh(g / 2)) / 2) in float32. With tanh32 the loop
-    calls nothing, and the numpy error model checks no division for zero: it vectorises."""
+def _glu(u, g, relu2, act):
+    """act[j] = u_j a(g_j) in float32, a = relu2 or silu as in the training GLU (``glu._act``),
+    silu's sigmoid as functions.sigmoid: (1 + tanh(g / 2)) / 2. With tanh32 the loop calls
+    nothing, and the numpy error model checks no division for zero: it vectorises."""
     half, one = np.float32(0.5), np.float32(1)
-    for j in range(lo, hi):
-        if relu2:
-            act[j] = u[j] * max(g[j], np.float32(0)) ** 2
-        else:
-            act[j] = u[j] * (g[j] * (half * (one + tanh32(half * g[j]))))
+    kind = RELU2 if relu2 else SILU
+    for j in range(u.shape[0]):
+        s = one if relu2 else half * (one + tanh32(half * g[j]))
+        act[j] = u[j] * _act(g[j], s, kind, one)[0]
 
 
 STAGES = 5  # shared stages per block and position: q k v, attention, o, up gate, down
@@ -245,17 +246,6 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
                          outs[m, plane * cols_m:plane * cols_m + n])
 
 
-@njit(cache=True, inline="always")
-def _rope(x, c, s, out):
-    """out [dh] = x c + rotate_half(x) s for one head x [dh] (SPEC 6 RoPE, half-split:
-    rotate_half([x1, x2]) = [-x2, x1]), in two loops over the halves, which vectorise."""
-    half = x.shape[0] // 2
-    for j in range(half):
-        out[j] = x[j] * c[j] + -x[j + half] * s[j]
-    for j in range(half, x.shape[0]):
-        out[j] = x[j] * c[j] + x[j - half] * s[j]
-
-
 @njit(cache=True, fastmath=True)
 def _attend(qh, keys, values, n, scores, out):
     """out [dh] = softmax(K qh) V over the first n cached positions (keys, values [T, dh]),
@@ -294,22 +284,24 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, own, outs, sy
     inv = np.float32(1.0 / math.sqrt(dh))
     f = wts[2].shape[3]
     sc = scales[layer]
-    h, qh, scores = own[:d], own[d:d + dh], own[d + dh:]
+    h, qh, scores = own[:d], own[d:d + dh].reshape((1, dh)), own[d + dh:]  # qh: a row
     _rmsnorm(x, norms[layer, 0], eps, h)
     _products(width, h, codes[0][layer], wts[0][layer], sc[0:3], sparse[0], taus[layer, 0], l2,
               scratch, outs, sync, slot)
     q, kk, v = outs[0], outs[1], outs[2]
     for hd in range(n_heads):  # every worker fills its own cache
-        _rope(kk[hd * dh:(hd + 1) * dh], cos[pos], sin[pos], k_cache[layer, hd, pos])
+        k_cache[layer, hd, pos] = kk[hd * dh:(hd + 1) * dh]
+        _rope(k_cache[layer, hd, pos:pos + 1], cos[pos:pos + 1], sin[pos:pos + 1])
         v_cache[layer, hd, pos] = v[hd * dh:(hd + 1) * dh]
     att_out = sync[3][(slot + 1) % sync[3].shape[0], :d]
     share = -(-n_heads // sync[4][1])  # a head is a tile; a worker asks for its share at once
     lo, hi = _claim_run(sync, slot + 1, n_heads, share)
     while lo < hi:
         for hd in range(lo, hi):
-            _rope(q[hd * dh:(hd + 1) * dh], cos[pos], sin[pos], qh)
+            qh[0] = q[hd * dh:(hd + 1) * dh]
+            _rope(qh, cos[pos:pos + 1], sin[pos:pos + 1])
             qh *= inv
-            _attend(qh, k_cache[layer, hd], v_cache[layer, hd], pos + 1, scores,
+            _attend(qh[0], k_cache[layer, hd], v_cache[layer, hd], pos + 1, scores,
                     att_out[hd * dh:(hd + 1) * dh])
         _release(sync, slot + 1, hi - lo)
         lo, hi = _claim_run(sync, slot + 1, n_heads, share)
@@ -321,7 +313,7 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, own, outs, sy
     _products(width, h, codes[2][layer], wts[2][layer], sc[4:6], sparse[0], taus[layer, 2], l2,
               scratch, outs, sync, slot + 3)
     act = outs[2, :f]  # v's row, free by now; down writes only row 0, after reading act
-    _glu(outs[0, :f], outs[1, :f], relu2, 0, f, act)
+    _glu(outs[0, :f], outs[1, :f], relu2, act)
     _products(width, act, codes[3][layer], wts[3][layer], sc[6:7], sparse[1], taus[layer, 3],
               l2, scratch, outs, sync, slot + 4)
     x += outs[0, :d]

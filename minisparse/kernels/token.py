@@ -157,7 +157,7 @@ def ternary_inputs(x, sel, k, block_n, block_m, tau, l2, q, a, idx):
 def rescale_sums(acc, s, scale, r, out):
     """out[:] = float32(acc / (s scale)) * r: SPEC 5's y = Σ q t / (s_x s_w) times SPEC 1's r,
     the divisor s_x s_w taken in float32 and the division in float64, as NumPy divides int32
-    sums by a float32 scalar. When every |acc| <= 2^24 (127 K <= 2^24: any K below 132,000)
+    sums by a float32 scalar. When every |acc| <= 2^24 (|q| <= 128: any K up to 131,072)
     the sums are exact in float32, and a float32 division rounds as the float64 one rounded to
     float32 (53 >= 2 * 24 + 2 bits: rounding a quotient twice is then harmless), with twice
     the lanes per vector and a faster divide."""
