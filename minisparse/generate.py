@@ -69,7 +69,7 @@ def compiled_decoder(model):
         return None
     from numba import config
 
-    if config.DISABLE_JIT:
+    if config.DISABLE_JIT:  # the step would run as Python loops: the engine's NumPy is faster
         return None
     from .kernels.decode import decoder_for
 

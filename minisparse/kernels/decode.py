@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types
+from numba import config, get_num_threads, njit, prange, types
 from numba.core import errors
 from numba.extending import overload
 
@@ -65,11 +65,24 @@ from .token import (
 )
 
 
+@njit(cache=True, inline="always")
+def _portable_tiles(q, idx, codes, y, sync, slot):
+    """The portable kernel's share of ``_ternary_tiles``: the whole product is one tile."""
+    if _claim(sync, slot, 1) == 0:
+        cols = codes.shape[1]
+        y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16), 4 * cols)
+        _release(sync, slot)
+    return 1
+
+
 def _ternary_tiles(width, q, idx, codes, y, sync, slot, buffers):
     """y[:4 Q] int32 = Σ_{i in idx} q_i t_oi for codes [D_in, Q], the tiles this worker claims
-    (see ``_claim``), in the worker's buffers (``_simd_tiles``); returns the number of tiles
-    (a stub: the compiled versions are below)."""
-    raise NotImplementedError("compiled only")
+    (see ``_claim``), in the worker's buffers (``_simd_tiles``); returns the number of tiles.
+    As written it runs when interpreted (NUMBA_DISABLE_JIT: always width 0); compiled, the
+    overload below picks the kernel of the literal width while typing."""
+    if width != 0:
+        raise NotImplementedError("the SIMD tiles run compiled only")
+    return _portable_tiles(q, idx, codes, y, sync, slot)
 
 
 @overload(_ternary_tiles, prefer_literal=True)
@@ -77,14 +90,9 @@ def _ternary_tiles_impl(width, q, idx, codes, y, sync, slot, buffers):
     if not isinstance(width, types.IntegerLiteral):  # the caller retries with the literal
         raise errors.RequireLiteralValue("_ternary_tiles: width must be a constant")
     w = width.literal_value
-    if w == 0:  # the portable kernel: the whole product is one tile
+    if w == 0:
         def portable(width, q, idx, codes, y, sync, slot, buffers):
-            if _claim(sync, slot, 1) == 0:
-                cols = codes.shape[1]
-                y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes.view(np.uint16),
-                                               4 * cols)
-                _release(sync, slot)
-            return 1
+            return _portable_tiles(q, idx, codes, y, sync, slot)
         return portable
     if w == 32:
         def avx2(width, q, idx, codes, y, sync, slot, buffers):
@@ -471,7 +479,9 @@ class Decoder:
                        for d in (c.d_model, c.ffn_hidden))
         self._model = (norms, codes, wts, self.scales, taus, model.rope_cos, model.rope_sin,
                        c.n_heads, sparse, c.rescale == "l2", c.ffn_act == "relu2", c.norm_eps)
-        if workers is None:  # a second worker pays off once a token reads enough weights
+        if config.DISABLE_JIT:  # interpreted, prange is a plain loop: the workers would take
+            workers = 1         # turns, and the second read stage buffers the first moved on from
+        elif workers is None:  # a second worker pays off once a token reads enough weights
             big = sum(a.nbytes for a in codes + wts) >= WORKERS_FROM
             workers = min(2, get_num_threads()) if big else 1
         # one KV cache per worker (each writes its own; they stay equal)
