@@ -354,14 +354,30 @@ def test_simd_level_is_forced_by_the_environment(monkeypatch):
 
 def test_simd_lanes_cover_each_tile_byte_once():
     for width in (32, 64):
-        lanes = simd.lane_bytes(width)
-        assert sorted(lanes.ravel()) == list(range(width))
+        for group in (2, 4):
+            lanes = simd.lane_bytes(width, group)
+            assert lanes.shape == (group, width // group)
+            assert sorted(lanes.ravel()) == list(range(width))
+
+
+@pytest.mark.skipif("avx512vnni" not in simd.host_levels(),
+                    reason="needs an x86-64 CPU with AVX-512 VNNI")
+def test_vnni_kernel_issues_vpdpbusd():
+    def tiles(codes, rows, xquads, scratch, sums):
+        simd._tiles(64, codes, rows, xquads, 0, 1, scratch, sums)  # compiled here
+
+    fresh = njit(tiles)
+    fresh(np.ones((8, 64), np.uint8), np.arange(8), np.ones(2, np.int32),
+          np.empty(256, np.int16), np.empty((1, 256), np.int32))
+    asm = "".join(fresh.inspect_asm().values())
+    assert re.search(r"vpdpbusd\s[^\n]*%zmm", asm), "VNNI ternary GEMV: no vpdpbusd"
+    assert "vpmaddubsw" not in asm  # int32 quads, not the int16 pairs
 
 
 @pytest.mark.skipif("avx2" not in simd.host_levels(), reason="needs an x86-64 CPU with AVX2")
 def test_simd_kernel_issues_vpmaddubsw():
     def tiles(codes, rows, xpairs, scratch, sums):
-        simd._tiles(32, codes, rows, xpairs, 0, 1, scratch, sums)  # inlined: compiled here
+        simd._tiles(32, codes, rows, xpairs, 0, 1, scratch, sums)  # compiled here
 
     fresh = njit(tiles)
     fresh(np.ones((8, 32), np.uint8), np.arange(8), np.ones(4, np.int16),

@@ -30,8 +30,8 @@ tile, so no schedule can deadlock (a waiting worker only waits for tiles a runni
 worker holds), and a tile is computed by the same code whoever claims it: one or two workers
 give bit-equal logits. Models with under 0.5 MB of packed weights keep one worker
 (``WORKERS_FROM``). The SIMD level of the ternary products is a compile-time constant
-(``width``: 0 portable, 32 AVX2, 64 AVX-512), so a CPU without AVX2 never compiles the
-intrinsics.
+(``width``: 0 portable, 32 AVX2, 64 AVX-512; with the type of the q words, int16 pairs or
+int32 quads for AVX-512 VNNI), so a CPU without AVX2 never compiles the intrinsics.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from .atomics import atomic_add, atomic_load
 from .attention import _rope
 from .glu import RELU2, SILU, _act
 from .pairwise import pairwise_sum
-from .simd import _pairs, _scatter, _tiles, lane_bytes, simd_level
+from .simd import _groups, _scatter, _tiles, lane_bytes, simd_level
 from .sparse_matmul import _gemv_serial as _float_gemv
 from .tanh import tanh32
 from .ternary import _ternary_serial
@@ -155,21 +155,22 @@ def _wait(sync, slot, n_tiles):
 @njit(cache=True, inline="always")
 def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
     # simd._gemv_serial's tiles, computed by whichever worker claims them, in the worker's
-    # buffers (pairs int64 [D + 1], int16 [D // 2 + 1]; the int32 sums of a run of tiles, one
-    # tile's int16 sums). A worker asks for its share of the tiles at once: one run reads
-    # each kept row's bytes of the run front to back (_tiles), where a tile at a time reads
-    # every kept row once per tile (a 48.3M model's products, one thread: 1.5x faster)
-    pair_rows, pair_q, sums, scratch = buffers
-    rows, xpairs, q_sum = _pairs(q, idx, pair_rows, pair_q)
+    # buffers (groups: rows int64 [D + 3], q words [D // 2 + 2], int16 for pairs or int32 for
+    # quads; the int32 sums of a run of tiles, one tile's int16 sums). A worker asks for its
+    # share of the tiles at once: one run reads each kept row's bytes of the run front to
+    # back (_tiles), where a tile at a time reads every kept row once per tile (a 48.3M
+    # model's products, one thread: 1.5x faster)
+    group_rows, group_q, sums, scratch = buffers
+    rows, words, q_sum = _groups(q, idx, group_rows, group_q)
     cols = codes.shape[1]
     n_tiles = cols // width
     share = -(-n_tiles // sync[4][1])
-    lanes = lane_bytes(width)
+    lanes = lane_bytes(width, words.itemsize)
     lo, hi = _claim_run(sync, slot, n_tiles, share)
     while lo < hi:
-        _tiles(width, codes, rows, xpairs, lo, hi, scratch, sums)
+        _tiles(width, codes, rows, words, lo, hi, scratch, sums)
         for t in range(lo, hi):
-            _scatter(sums[t - lo], t * width, width, cols, q_sum, lanes, 4 * cols, y)
+            _scatter(sums[t - lo], t * width, cols, q_sum, lanes, 4 * cols, y)
         _release(sync, slot, hi - lo)
         lo, hi = _claim_run(sync, slot, n_tiles, share)
     return n_tiles
@@ -328,7 +329,8 @@ def _block(width, layer, pos, x, model, k_cache, v_cache, scratch, own, outs, sy
 
 
 @njit(cache=True, error_model="numpy")  # no zero check per division: the loops vectorise
-def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits):
+def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits,
+            words):
     """logits [T, V] of ``tokens`` [T] at positions pos0 .. pos0 + T - 1, after the cached
     ones, as one worker computes them. Layer by layer, every position through a block before
     the next block: the block's weights stay in cache over the T positions (the reuse a GEMM
@@ -339,14 +341,13 @@ def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
     n = tokens.shape[0]
     norms, eps = model[0], model[-1]
     n_layers = norms.shape[0]
-    widest = max(tok_emb.shape[1], model[2][2].shape[3])  # d_model, ffn_hidden
+    widest = _widest(tok_emb, model)
     # scratch of every projection, allocated once per call: codes, A(x), kept positions, the
-    # ternary tiles' buffers (see _simd_tiles: a run of up to Q / 32 tiles of at most
-    # ``width`` bytes, 4 width outputs each; the portable kernel uses none); outputs of up to
-    # three weights
+    # ternary tiles' buffers (see _simd_tiles: ``words``, the caller's, sets the kernel; a run
+    # of up to Q / 32 tiles of at most ``width`` bytes, 4 width outputs each; the portable
+    # kernel uses none); outputs of up to three weights
     scratch = (np.empty(widest, np.int8), np.empty(widest, np.float32),
-               np.empty(widest, np.int64), np.empty(widest + 1, np.int64),
-               np.empty(widest // 2 + 1, np.int16),
+               np.empty(widest, np.int64), np.empty(widest + 3, np.int64), words,
                np.empty((max([c.shape[2] for c in model[1]]) // 32 + 1, 4 * width), np.int32),
                np.empty(4 * width, np.int16))
     outs = np.empty((3, widest), np.float32)
@@ -363,8 +364,15 @@ def _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
         logits[r] = tok_emb @ _rmsnorm(x[r], final_norm, eps, own[:x.shape[1]])
 
 
+@njit(cache=True, inline="always")
+def _widest(tok_emb, model):
+    """The longest vector a block reads: max(d_model, ffn_hidden)."""
+    return max(tok_emb.shape[1], model[2][2].shape[3])
+
+
 @njit(parallel=True, cache=True)
-def _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits):
+def _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits,
+            words):
     # The call's one parallel region (a thread wake-up costs 40-75 us here): every worker runs
     # the whole forward; only the products' tiles are divided, by claiming (see _wait).
     # A parallel loop takes arrays and numbers, not tuples: the model goes in piece by piece
@@ -379,14 +387,16 @@ def _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, s
                  ((sel0, k0, n0, m0), (sel1, k1, n1, m1)), l2, relu2, eps)
         _worker(width, tokens, pos0, tok_emb, final_norm, parts, k_cache[w], v_cache[w],
                 (counters, ints, floats, vectors, (np.int64(w), np.int64(k_cache.shape[0]))),
-                logits[w])
+                logits[w], words[w])
 
 
 @njit(cache=True)
-def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+def _forward(width, word, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
     """Logits [T, V] of ``tokens`` [T] after the cached positions, computed by
     k_cache.shape[0] workers (each with its own copy of the KV cache [W, L, H, T, dh]), in
-    one parallel region when there are several, the bare worker when there is one."""
+    one parallel region when there are several, the bare worker when there is one. The
+    ternary tiles are ``width`` bytes wide (0: portable) and take kept inputs in pairs
+    (word np.int16: vpmaddubsw) or quads (np.int32: vpdpbusd)."""
     n, n_workers = tokens.shape[0], k_cache.shape[0]
     codes, wts = model[1], model[2]
     n_slots = STAGES * n * codes[0].shape[0]
@@ -402,29 +412,36 @@ def _forward(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
             np.empty((rows, tok_emb.shape[1]), np.float32),
             (np.int64(0), n_workers))  # typed as in _spread: one compiled _worker serves both
     logits = np.empty((n_workers, n, tok_emb.shape[0]), np.float32)
+    words = np.empty((n_workers, _widest(tok_emb, model) // 2 + 2), word)
     if n_workers == 1:
         _worker(width, tokens, pos0, tok_emb, final_norm, model, k_cache[0], v_cache[0], sync,
-                logits[0])
+                logits[0], words[0])
     else:
-        _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits)
+        _spread(width, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache, sync, logits,
+                words)
     return logits[0]
 
 
-# One cached entry per SIMD level, each passing its width as a literal (a new process then
-# loads the forward from the cache instead of typing it again).
+# One cached entry per SIMD level, each passing its width as a literal and its q words' type
+# (a new process then loads the forward from the cache instead of typing it again).
 @njit(cache=True)
 def _forward_portable(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
-    return _forward(0, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
+    return _forward(0, np.int16, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 @njit(cache=True)
 def _forward_avx2(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
-    return _forward(32, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
+    return _forward(32, np.int16, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 @njit(cache=True)
 def _forward_avx512(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
-    return _forward(64, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
+    return _forward(64, np.int16, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
+
+
+@njit(cache=True)
+def _forward_avx512vnni(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
+    return _forward(64, np.int32, tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache)
 
 
 # Bytes of packed projection weights (2-bit codes or float32 rows) from which Decoder uses two
@@ -433,7 +450,8 @@ def _forward_avx512(tokens, pos0, tok_emb, final_norm, model, k_cache, v_cache):
 # d 192, 6 layers ternary + sparse (0.7 MB) 1.07, d 256, 8 layers ternary + sparse (1.6 MB)
 # 1.33, float sparse 0.5 (3.3 MB) 1.21, float (3.3 MB) 1.30 (206 -> 160 us).
 WORKERS_FROM = 1 << 19
-_ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512}
+_ENTRY = {"portable": _forward_portable, "avx2": _forward_avx2, "avx512": _forward_avx512,
+          "avx512vnni": _forward_avx512vnni}
 _KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 _GROUPS = ((0, 3), (3, 4), (4, 6), (6, 7))  # _KINDS that read one input: q k v, o, up gate, down
 _TAUS = ("attn_in", "attn_o", "ffn_in", "ffn_down")  # SPEC 11: one threshold per group

@@ -239,13 +239,13 @@ def _rows_parallel(width, q, idx, codes, parts):
     return y
 
 
-_WIDTHS = {"portable": 0, "avx2": 32, "avx512": 64}
+_WIDTHS = {"portable": 0, "avx2": 32, "avx512": 64, "avx512vnni": 64}  # VNNI: the AVX-512 rows
 
 
 def rows_gemv_int(q, idx, codes, level, parts=1):
     """int32 [D_out] = Σ_{i in idx} q_i t_oi exactly, for output-major codes [D_out, 32 B] on a
-    SIMD level ("portable" | "avx2" | "avx512"); parts > 1 splits the rows between threads.
-    Every row of codes is read: dropped inputs only get q = 0."""
+    SIMD level (simd.LEVELS; "avx512vnni" runs the AVX-512 kernel); parts > 1 splits the rows
+    between threads. Every row of codes is read: dropped inputs only get q = 0."""
     width = _WIDTHS[level]
     if parts > 1:
         return _ENTRIES[width][1](q, idx, codes, parts)
