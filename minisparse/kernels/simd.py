@@ -20,8 +20,9 @@ With AVX-512 VNNI (level "avx512vnni") the step is ``vpdpbusd``: four kept input
 interleaved (c_i, c_j, c_k, c_l)(o) and their four products added straight into an int32 lane,
 so there is no int16 flush, and each plane is masked in place instead of shifted (it sums
 4^p c: 4^3 * 2 = 128 still fits an unsigned byte; the sums are divided by 4^p at the end). Per
-code byte that is about a third fewer vector instructions: 1.3-1.5x faster tiles on the decode
-model's rows in cache, 1.06x on 4096x11008's (which wait on memory). Which kernel runs is
+code byte that is about a third fewer vector instructions: tiles 1.37-1.46x faster on the
+decode model's rows in cache (one thread), 1.04x on 4096x11008's, which wait on memory. Which
+kernel runs is
 picked by the dtype of the packed q words (``_groups``: int16 pairs, int32 quads).
 
 Dispatch: ``simd_level()`` reads llvmlite's host CPU features once; MINISPARSE_SIMD =
