@@ -21,9 +21,8 @@ interleaved (c_i, c_j, c_k, c_l)(o) and their four products added straight into 
 so there is no int16 flush, and each plane is masked in place instead of shifted (it sums
 4^p c: 4^3 * 2 = 128 still fits an unsigned byte; the sums are divided by 4^p at the end). Per
 code byte that is about a third fewer vector instructions: tiles 1.37-1.46x faster on the
-decode model's rows in cache (one thread), 1.04x on 4096x11008's, which wait on memory. Which
-kernel runs is
-picked by the dtype of the packed q words (``_groups``: int16 pairs, int32 quads).
+decode model's rows in cache (one thread), 1.04x on 4096x11008's, which wait on memory. The
+dtype of the packed q words picks the kernel (``_groups``: int16 pairs, int32 quads).
 
 Dispatch: ``simd_level()`` reads llvmlite's host CPU features once; MINISPARSE_SIMD =
 portable | avx2 | avx512 | avx512vnni forces a path (an unsupported one is an error); the
