@@ -182,11 +182,13 @@ def test_output_major_int16_sums_hold_the_extremes(threads, level, sign, q_value
     np.testing.assert_array_equal(got, t.astype(np.int64) @ q.astype(np.int64))
 
 
+@pytest.mark.parametrize("d_out", [130, 4100])  # code rows of 64 and 1056 bytes (SHORT_ROW)
 @pytest.mark.parametrize("sign", [1, -1])
-def test_ternary_int16_partial_sums_hold_the_extremes(threads, level, sign):
+def test_ternary_int16_partial_sums_hold_the_extremes(threads, level, sign, d_out):
     # 300 rows of q = -128 against t = +1 and -1: |partial sums| reach 128 * 256 per flush;
-    # on the SIMD paths every pair lane reaches -512 (c = 2) or 0 (c = 0), 16 pairs per flush.
-    w = sign * np.where(np.arange(300)[None, :] % 2 == 0, 1.0, -1.0) * np.ones((130, 1))
+    # on the SIMD paths every pair lane reaches -512 (c = 2) or 0 (c = 0), 16 pairs per flush
+    # in short code rows and 32 in long ones (simd.LONG_ROWS_PER_PASS).
+    w = sign * np.where(np.arange(300)[None, :] % 2 == 0, 1.0, -1.0) * np.ones((d_out, 1))
     q = np.full(300, -128, np.int8)
     idx = np.arange(300)
     t, _ = absmean_ternarize(w)

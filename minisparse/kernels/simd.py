@@ -10,7 +10,7 @@ codes are never read) are split into the four 2-bit planes, interleaved byte by 
     lane(o) = c_i(o) q_i + c_j(o) q_j  in [-512, 508],  c = t + 1 in {0, 1, 2}
 
 A tile is W bytes of every kept row (W = 32: AVX2 ymm, 4W = 128 outputs; W = 64: AVX-512BW
-zmm). Its eight int16 accumulators stay in registers over PAIRS_PER_FLUSH pairs (at most 64:
+zmm). Its eight int16 accumulators stay in registers over a pass's pairs (at most 64:
 64 * 512 = 32768, no int16 overflow), then are added to int32 sums; Σ_i q_i is subtracted once
 at the end. Both levels use the same ``PackedTernary`` layout as the portable kernel.
 The byte unpack works inside 128-bit lanes, so lane l of accumulator (plane p, half h) holds
@@ -45,8 +45,10 @@ from numba.extending import intrinsic, overload
 LEVELS = ("portable", "avx2", "avx512", "avx512vnni")
 PREFETCH_AHEAD = 128  # bytes ahead in each code row (4096x11008, S = 0.5: 1.06-1.09x 256's)...
 SHORT_ROW = 1024  # ...in rows of at least this many bytes (D_out >= 4096), else rows ahead
-ROWS_PER_PASS = 32  # kept rows per pass over a run of tiles (fewer rows side by side)
-PAIRS_PER_FLUSH = ROWS_PER_PASS // 2  # pairs per int16 flush (<= 64: 64 * 512 = 32768)
+ROWS_PER_PASS = 32  # kept rows per pass over a run of tiles in short rows (fewer side by side)
+LONG_ROWS_PER_PASS = 64  # ...in long ones (4096x11008, S = 0.5: 1.03-1.12x faster than 32; the
+# decode model's short rows: 0.94x / 1.03x, so they keep 32). Pairs: half as many per int16
+# flush, at most 64 (64 * 512 = 32768)
 _FEATURES = {"avx2": ("avx2",), "avx512": ("avx2", "avx512f", "avx512bw"),
              "avx512vnni": ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni")}
 _PMADD = {32: "llvm.x86.avx2.pmadd.ub.sw", 64: "llvm.x86.avx512.pmaddubs.w.512"}
@@ -312,6 +314,12 @@ def _scatter(sums, col, q, q_sum, lanes, d_out, y):
                     y[o] = (sums[(group * p + h) * n + lane] >> shift) - q_sum
 
 
+@njit(cache=True, inline="always")
+def _rows_per_pass(codes):
+    """ROWS_PER_PASS, or LONG_ROWS_PER_PASS for code rows of at least SHORT_ROW bytes."""
+    return ROWS_PER_PASS if codes.shape[1] < SHORT_ROW else LONG_ROWS_PER_PASS
+
+
 def _tiles(width, codes, rows, words, c0, c1, scratch, sums):
     """int32 sums[c - c0] = tile c's sums over every kept group, for tiles c in [c0, c1);
     the words' dtype picks the kernel (int16 pairs: tile_sums, int32 quads: quad_sums)."""
@@ -320,22 +328,24 @@ def _tiles(width, codes, rows, words, c0, c1, scratch, sums):
 
 @overload(_tiles, prefer_literal=True)
 def _tiles_impl(width, codes, rows, words, c0, c1, scratch, sums):
-    # Groups outermost, ROWS_PER_PASS rows at a time: they are read front to back, tile after
+    # Groups outermost, _rows_per_pass rows at a time: they are read front to back, tile after
     # tile (a tile-outer order jumps a row ahead per access, missing the TLB each time, and
     # more rows side by side are more streams than the hardware prefetchers follow).
     if words.dtype.bitwidth == 32:
         def quads(width, codes, rows, words, c0, c1, scratch, sums):
             sums[:c1 - c0] = 0
-            for s in range(0, words.shape[0], ROWS_PER_PASS // 4):
-                e = min(s + ROWS_PER_PASS // 4, words.shape[0])
+            step = _rows_per_pass(codes) // 4
+            for s in range(0, words.shape[0], step):
+                e = min(s + step, words.shape[0])
                 for c in range(c0, c1):
                     quad_sums(width, codes, rows, words, s, e, c * width, sums[c - c0])
         return quads
 
     def pairs(width, codes, rows, words, c0, c1, scratch, sums):
         sums[:c1 - c0] = 0
-        for s in range(0, words.shape[0], PAIRS_PER_FLUSH):
-            e = min(s + PAIRS_PER_FLUSH, words.shape[0])
+        step = _rows_per_pass(codes) // 2
+        for s in range(0, words.shape[0], step):
+            e = min(s + step, words.shape[0])
             for c in range(c0, c1):
                 tile_sums(width, codes, rows, words, s, e, c * width, scratch)
                 acc = sums[c - c0]
