@@ -375,6 +375,15 @@ def test_vnni_kernel_issues_vpdpbusd():
     assert re.search(r"vpdpbusd\s[^\n]*%zmm", asm), "VNNI ternary GEMV: no vpdpbusd"
     assert "vpmaddubsw" not in asm  # int32 quads, not the int16 pairs
 
+    def rows(q, idx, codes):
+        return i2s._rows_serial(64, True, q, idx, codes)  # inlined: compiled here
+
+    fresh = njit(rows)
+    fresh(np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
+    asm = "".join(fresh.inspect_asm().values())
+    assert re.search(r"vpdpbusd\s[^\n]*%zmm", asm), "VNNI I2_S GEMV: no vpdpbusd"
+    assert "vpmaddubsw" not in asm
+
 
 @pytest.mark.skipif("avx2" not in simd.host_levels(), reason="needs an x86-64 CPU with AVX2")
 def test_simd_kernel_issues_vpmaddubsw():
@@ -388,7 +397,7 @@ def test_simd_kernel_issues_vpmaddubsw():
     assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 ternary GEMV: no vpmaddubsw"
 
     def rows(q, idx, codes):
-        return i2s._rows_serial(32, q, idx, codes)  # inlined: compiled here
+        return i2s._rows_serial(32, False, q, idx, codes)  # inlined: compiled here
 
     fresh = njit(rows)
     fresh(np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))

@@ -215,9 +215,9 @@ def _ternary_parallel(x16, idx, words, d_out, parts):
 def ternary_gemv_int(xq: np.ndarray, idx: np.ndarray, p: PackedTernary) -> np.ndarray:
     """int32 [D_out]: Σ_{i in idx} q_i t_oi exactly; xq int8 [D_in], idx int [K] (kept inputs).
 
-    On x86 with AVX2 / AVX-512BW the vpmaddubsw kernels of ``simd.py`` / ``i2s.py`` run;
-    elsewhere, or with MINISPARSE_SIMD=portable, the portable loops. The "outputs" layout
-    reads every code (a dropped input only gets q = 0)."""
+    On x86 with AVX2 / AVX-512BW the vpmaddubsw kernels of ``simd.py`` / ``i2s.py`` run (with
+    AVX-512 VNNI, vpdpbusd ones); elsewhere, or with MINISPARSE_SIMD=portable, the portable
+    loops. The "outputs" layout reads every code (a dropped input only gets q = 0)."""
     level = simd_level()
     if p.layout == "outputs":
         parallel = p.shape[0] * p.shape[1] >= PARALLEL_MIN_CODES
