@@ -356,10 +356,10 @@ def _tiles_impl(width, codes, rows, words, c0, c1, scratch, sums):
 
 @njit(cache=True, inline="always")
 def _groups_alloc(q, idx, word):
-    """``_groups`` into new buffers of ``word`` (a whole GEMV call; the decode step brings its
-    own)."""
+    """``_groups`` into new buffers, the q words of word.dtype (a whole GEMV call; the decode
+    step brings its own)."""
     k = idx.shape[0]
-    return _groups(q, idx, np.empty(k + 3, np.int64), np.empty((k + 3) // 2, word))
+    return _groups(q, idx, np.empty(k + 3, np.int64), np.empty((k + 3) // 2, word.dtype))
 
 
 @njit(cache=True)
@@ -394,7 +394,10 @@ def _gemv_parallel(width, word, q, idx, codes, d_out, parts):
     return y
 
 
-WORDS = {"avx2": np.int16, "avx512": np.int16, "avx512vnni": np.int32}  # pairs | quads
+# The q words of each level, as empty arrays of their dtype (int16: pairs, int32: quads): as an
+# argument, a dtype itself costs ~11 us of dispatch per call, an array well under one.
+WORDS = {"avx2": np.empty(0, np.int16), "avx512": np.empty(0, np.int16),
+         "avx512vnni": np.empty(0, np.int32)}
 
 
 def simd_gemv_int(q, idx, codes, d_out, level, parts=1):
