@@ -49,7 +49,7 @@ from .attention import _rope
 from .glu import RELU2, SILU, _act
 from .pairwise import pairwise_sum
 from .simd import _groups, _scatter, _tiles, lane_bytes, simd_level
-from .sparse_matmul import _gemv_serial as _float_gemv
+from .sparse_matmul import FMA, _axpy_rows
 from .tanh import tanh32
 from .ternary import _ternary_serial
 from .token import (
@@ -205,6 +205,20 @@ def _glu(u, g, relu2, act):
 
 
 STAGES = 5  # shared stages per block and position: q k v, attention, o, up gate, down
+# A float product is shared as FLOAT_SPLIT parts of each weight's kept rows, summed in part
+# order by every worker (the same bits on one worker or two), so o and down (one weight each)
+# are split between the workers too, where whole weights left them to one.
+FLOAT_SPLIT = 2
+
+
+@njit(cache=True, fastmath=FMA)  # (the FMAs only here: SPEC 3's x s must stay one rounding)
+def _float_rows(x, kept, lo, hi, wt, y):
+    """y [D_out] = Σ_{p in [lo, hi)} x_i wt[i, :], i = kept[p], for wt [D_in, D_out]
+    (sparse_matmul's axpys, into a new array: LLVM vectorises a loop into one it knows does
+    not alias wt without run-time checks)."""
+    acc = np.zeros(wt.shape[1], wt.dtype)
+    _axpy_rows(x, kept, lo, hi, wt, acc)
+    y[:] = acc
 
 
 # Compiled once, not inlined at its four call sites in _block: the step then compiles in 51 s
@@ -231,15 +245,23 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
     kept = idx[:count]
     if not ternary:
         y = sync[2][slot % sync[2].shape[0]]
-        m = _claim(sync, slot, n_mats)
-        while m < n_mats:  # a tile: one weight (sparse_matmul's kernel, whole rows)
-            y[m * d_out:(m + 1) * d_out] = _float_gemv(x, kept, wt[m])
-            _release(sync, slot)
-            m = _claim(sync, slot, n_mats)
-        _wait(sync, slot, n_mats)
-        for m in range(n_mats):
+        n_tiles = n_mats * FLOAT_SPLIT
+        lo, hi = _claim_run(sync, slot, n_tiles, -(-n_tiles // sync[4][1]))
+        while lo < hi:  # tile t: weight t // S, the S-th part t % S of the kept rows
+            for t in range(lo, hi):
+                part = t % FLOAT_SPLIT
+                _float_rows(x, kept, part * count // FLOAT_SPLIT,
+                            (part + 1) * count // FLOAT_SPLIT, wt[t // FLOAT_SPLIT],
+                            y[t * d_out:(t + 1) * d_out])
+            _release(sync, slot, hi - lo)
+            lo, hi = _claim_run(sync, slot, n_tiles, -(-n_tiles // sync[4][1]))
+        _wait(sync, slot, n_tiles)
+        for m in range(n_mats):  # the parts' sums, in part order whoever computed them
             for o in range(d_out):
-                outs[m, o] = y[m * d_out + o] * r if l2 else y[m * d_out + o]
+                total = y[m * FLOAT_SPLIT * d_out + o]
+                for part in range(1, FLOAT_SPLIT):
+                    total += y[(m * FLOAT_SPLIT + part) * d_out + o]
+                outs[m, o] = total * r if l2 else total
         return
     # the group as one matrix of n Q columns: its output s (n Q) + m Q + b is weight m's
     # output s Q + b (byte b of a row holds outputs b, Q + b, 2Q + b, 3Q + b: ternary.py)
@@ -407,7 +429,7 @@ def _forward(width, word, tokens, pos0, tok_emb, final_norm, model, k_cache, v_c
     # group will do, several must keep all (a fast worker may be a whole product ahead)
     rows = n_slots if n_workers > 1 else STAGES
     n_int = max([4 * c.shape[2] for c in codes])
-    n_float = max([w.shape[1] * w.shape[3] if w.shape[2] else 0 for w in wts])
+    n_float = max([FLOAT_SPLIT * w.shape[1] * w.shape[3] if w.shape[2] else 0 for w in wts])
     sync = (counters, np.empty((rows, n_int), np.int32), np.empty((rows, n_float), np.float32),
             np.empty((rows, tok_emb.shape[1]), np.float32),
             (np.int64(0), n_workers))  # typed as in _spread: one compiled _worker serves both
