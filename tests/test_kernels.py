@@ -368,19 +368,15 @@ def test_vnni_kernel_issues_vpdpbusd():
     def tiles(codes, rows, xquads, scratch, sums):
         simd._tiles(64, codes, rows, xquads, 0, 1, scratch, sums)  # compiled here
 
-    fresh = njit(tiles)
-    fresh(np.ones((8, 64), np.uint8), np.arange(8), np.ones(2, np.int32),
-          np.empty(256, np.int16), np.empty((1, 256), np.int32))
-    asm = "".join(fresh.inspect_asm().values())
+    asm = _fresh_asm(njit(tiles), np.ones((8, 64), np.uint8), np.arange(8), np.ones(2, np.int32),
+                     np.empty(256, np.int16), np.empty((1, 256), np.int32))
     assert re.search(r"vpdpbusd\s[^\n]*%zmm", asm), "VNNI ternary GEMV: no vpdpbusd"
     assert "vpmaddubsw" not in asm  # int32 quads, not the int16 pairs
 
     def rows(q, idx, codes):
         return i2s._rows_serial(64, True, q, idx, codes)  # inlined: compiled here
 
-    fresh = njit(rows)
-    fresh(np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
-    asm = "".join(fresh.inspect_asm().values())
+    asm = _fresh_asm(njit(rows), np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
     assert re.search(r"vpdpbusd\s[^\n]*%zmm", asm), "VNNI I2_S GEMV: no vpdpbusd"
     assert "vpmaddubsw" not in asm
 
@@ -390,18 +386,14 @@ def test_simd_kernel_issues_vpmaddubsw():
     def tiles(codes, rows, xpairs, scratch, sums):
         simd._tiles(32, codes, rows, xpairs, 0, 1, scratch, sums)  # compiled here
 
-    fresh = njit(tiles)
-    fresh(np.ones((8, 32), np.uint8), np.arange(8), np.ones(4, np.int16),
-          np.empty(128, np.int16), np.empty((1, 128), np.int32))
-    asm = "".join(fresh.inspect_asm().values())
+    asm = _fresh_asm(njit(tiles), np.ones((8, 32), np.uint8), np.arange(8), np.ones(4, np.int16),
+                     np.empty(128, np.int16), np.empty((1, 128), np.int32))
     assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 ternary GEMV: no vpmaddubsw"
 
     def rows(q, idx, codes):
         return i2s._rows_serial(32, False, q, idx, codes)  # inlined: compiled here
 
-    fresh = njit(rows)
-    fresh(np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
-    asm = "".join(fresh.inspect_asm().values())
+    asm = _fresh_asm(njit(rows), np.ones(256, np.int8), np.arange(256), np.ones((8, 64), np.uint8))
     assert re.search(r"vpmaddubsw\s[^\n]*%ymm", asm), "AVX2 I2_S GEMV: no vpmaddubsw"
 
 
@@ -450,6 +442,18 @@ from minisparse.kernels.attention import causal_attention
 v = Tensor(np.arange(8.0).reshape(1, 1, 8))
 out = causal_attention(v, v, v, np.ones((1, 4)), np.zeros((1, 4)), 2)
 assert (out.data == v.data).all()  # one position attends to itself only
+from minisparse.kernels import pack_model
+from minisparse.kernels.decode import decoder_for
+from minisparse.model import GPT, GPTConfig, KVCache
+for extra in (dict(sparsity=0.5, bits=1.58), dict(sparsity=0.5)):  # the decode step as Python
+    config = GPTConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, context=12,
+                       ffn_hidden=80, **extra)
+    model = GPT(config, np.random.default_rng(3), backend="numba")
+    pack_model(model)
+    decoder, cache = decoder_for(model), KVCache(config)
+    for token in [3, 0, 22, 7]:
+        want = model(np.array([[token]]), kv_cache=cache)[0].data[0, -1]
+        np.testing.assert_allclose(decoder.step(token), want, rtol=1e-4, atol=1e-5)
 print("ok")
 """
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

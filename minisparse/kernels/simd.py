@@ -121,19 +121,22 @@ def _row_loader(context, builder, codes_ty, codes, rows_ty, rows, col, vb):
     return load
 
 
+def _tile_args(context, builder, sig, args):
+    """A tile intrinsic's operands (width, codes, rows, words, start, end, col, out):
+    ((type, array) of codes, rows, words and out; start, end, col)."""
+    arrays = [(sig.args[i], context.make_array(sig.args[i])(context, builder, args[i]))
+              for i in (1, 2, 3, 7)]
+    return arrays, args[4], args[5], args[6]
+
+
 def _tile_codegen(width):
     """LLVM IR of tile_sums for tiles of ``width`` bytes (see the module docstring)."""
 
     def codegen(context, builder, sig, args):
         from llvmlite import ir
 
-        _, codes_ty, rows_ty, xp_ty, _, _, _, out_ty = sig.args
-        args = args[1:]
-        codes = context.make_array(codes_ty)(context, builder, args[0])
-        rows = context.make_array(rows_ty)(context, builder, args[1])
-        xp = context.make_array(xp_ty)(context, builder, args[2])
-        out = context.make_array(out_ty)(context, builder, args[6])
-        start, end, col = args[3], args[4], args[5]
+        arrays, start, end, col = _tile_args(context, builder, sig, args)
+        (codes_ty, codes), (rows_ty, rows), (xp_ty, xp), (out_ty, out) = arrays
         i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
         vb, vw = ir.VectorType(i8, width), ir.VectorType(i16, width // 2)
         pmadd = cgutils.get_or_insert_function(
@@ -196,13 +199,8 @@ def _quad_codegen(width):
     def codegen(context, builder, sig, args):
         from llvmlite import ir
 
-        _, codes_ty, rows_ty, xq_ty, _, _, _, sums_ty = sig.args
-        args = args[1:]
-        codes = context.make_array(codes_ty)(context, builder, args[0])
-        rows = context.make_array(rows_ty)(context, builder, args[1])
-        xq = context.make_array(xq_ty)(context, builder, args[2])
-        sums = context.make_array(sums_ty)(context, builder, args[6])
-        start, end, col = args[3], args[4], args[5]
+        arrays, start, end, col = _tile_args(context, builder, sig, args)
+        (codes_ty, codes), (rows_ty, rows), (xq_ty, xq), (sums_ty, sums) = arrays
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         vb, vw = ir.VectorType(i8, width), ir.VectorType(i16, width // 2)
         vd = ir.VectorType(i32, width // 4)
