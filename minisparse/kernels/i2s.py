@@ -74,12 +74,14 @@ def _rows_codegen(width, vnni):
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         vb, vw, vd = (ir.VectorType(t, width // n) for t, n in ((i8, 1), (i16, 2), (i32, 4)))
         v32 = ir.VectorType(i8, 32)
-        pmadd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vw, [vb, vb]), _PMADD[width])
-        pmaddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[width])
-        dpbusd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vd, [vd, vd, vd]), _DPBUSD[width])
+        if vnni:  # only the instructions of the kernel asked for are declared
+            dpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vd, [vd, vd, vd]), _DPBUSD[width])
+        else:
+            pmadd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vw, [vb, vb]), _PMADD[width])
+            pmaddwd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vd, [vw, vw]), _PMADDWD[width])
         per = width // 32  # rows side by side in one vector
         n_rows, row_bytes = cgutils.unpack_tuple(builder, codes.shape, 2)
         n_blocks = builder.udiv(row_bytes, i64(32))
@@ -111,7 +113,7 @@ def _rows_codegen(width, vnni):
         ahead = builder.mul(row_bytes, i64(PREFETCH_ROWS))
         step = i64(BLOCKS_PER_FLUSH)
         with cgutils.for_range_slice(builder, i64(0), n_blocks, step) as (c0, _):
-            for a in acc16:
+            for a in acc16 if not vnni else ():  # (VNNI sums into int32: no int16 flush)
                 builder.store(ir.Constant(vw, None), a)
             c1 = builder.add(c0, step)
             c1 = builder.select(builder.icmp_signed("<", c1, n_blocks), c1, n_blocks)
@@ -141,10 +143,9 @@ def _rows_codegen(width, vnni):
                             plane = builder.and_(plane, three)
                         s = builder.add(s, builder.call(pmadd, [plane, xs[p]]))
                     builder.store(s, acc)
-            for a16, a32 in zip(acc16, acc32, strict=True):
-                if not vnni:
-                    builder.store(builder.add(builder.load(a32), builder.call(
-                        pmaddwd, [builder.load(a16), ones])), a32)
+            for a16, a32 in zip(acc16, acc32, strict=True) if not vnni else ():
+                builder.store(builder.add(builder.load(a32), builder.call(
+                    pmaddwd, [builder.load(a16), ones])), a32)
         for a, planes in enumerate(planes32):  # acc32 = Σ_p plane p's sums / 4^p (exact)
             total = builder.load(planes[0])
             for p in range(1, 4):
