@@ -27,8 +27,8 @@ CONFIGS = [dict(sparsity=0.5, bits=1.58), dict(sparsity=0.5, ffn_act="silu"), di
 
 
 def _model(**extra):
-    config = GPTConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=2, context=12,
-                       ffn_hidden=80, **extra)
+    config = GPTConfig(**dict(dict(vocab_size=23, d_model=32, n_layers=2, n_heads=2,
+                                   context=12, ffn_hidden=80), **extra))
     model = GPT(config, np.random.default_rng(3), backend="numba")
     if config.sparsify == "threshold":  # SPEC 11's taus for S on a few random tokens
         tokens = np.random.default_rng(4).integers(0, config.vocab_size, (2, config.context))
@@ -78,6 +78,22 @@ def test_two_workers_equal_one_bit_for_bit(level, extra):
     for t in tokens[5:]:
         np.testing.assert_array_equal(two.step(t), one.step(t))
     np.testing.assert_array_equal(two.k_cache[0], one.k_cache[0])
+
+
+@pytest.mark.parametrize("extra", [dict(sparsity=0.5, bits=1.58), dict(bits=1.58)])
+def test_column_parts_give_the_same_logits(level, extra):
+    # ffn_hidden 256: up and gate are 128 code columns side by side, which two workers keep
+    # as two parts of 64 (whole tiles on every level); q k v (3 x 8 columns) stay whole
+    model = _model(ffn_hidden=256, **extra)
+    one, two = Decoder(model, workers=1), Decoder(model, workers=2)
+    assert one.codes[2].shape[1] == 1 and two.codes[0].shape[1] == 1
+    assert two.codes[2].shape[1] == (1 if level == "portable" else 2)
+    cache = KVCache(model.config)
+    for t in [3, 0, 22, 7, 7, 1, 5, 9]:
+        want = model(np.array([[t]]), kv_cache=cache)[0].data[0, -1]
+        got = two.step(t)
+        np.testing.assert_array_equal(got, one.step(t))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(two.k_cache[1], one.k_cache[0])
 
 
