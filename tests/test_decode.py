@@ -158,10 +158,19 @@ def test_token_outputs_divide_as_numpy_does(sums, small, s, scale, r):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(-128, 127), min_size=1, max_size=90), st.data())
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=300), st.data())
 def test_top_codes_equal_topk_indices(codes, data):
     q = np.array(codes, np.int8)  # few distinct values: many ties at the k-th magnitude
     k = data.draw(st.integers(1, q.shape[0]))
+    idx = np.full(q.shape[0], -1, np.int64)
+    assert _top_codes(q, k, idx) == k
+    np.testing.assert_array_equal(idx[:k], topk_indices(q.astype(np.float32), k))
+
+
+@pytest.mark.parametrize("k", [1, 35_000, 69_999])
+def test_top_codes_count_past_the_uint16_blocks(k):
+    # counts are summed in uint16 blocks of 65,535 entries: a longer row spans two
+    q = np.random.default_rng(k).integers(-128, 128, 70_000).astype(np.int8)
     idx = np.full(q.shape[0], -1, np.int64)
     assert _top_codes(q, k, idx) == k
     np.testing.assert_array_equal(idx[:k], topk_indices(q.astype(np.float32), k))

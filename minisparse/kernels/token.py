@@ -52,33 +52,58 @@ def quantize(x, q):
 
 
 @njit(cache=True, inline="always")
+def _count16(mag, v, equal):
+    """#{j : mag[j] >= v} (== v when equal) for uint8 mag of under 65,536 entries, summed in
+    uint16: LLVM then vectorises 32 to a 512-bit register (int64 sums: 8, 4x slower)."""
+    count = np.uint16(0)
+    for j in range(mag.shape[0]):
+        count = np.uint16(count + np.uint16((mag[j] == v) if equal else (mag[j] >= v)))
+    return np.int64(count)
+
+
+@njit(cache=True, inline="always")
+def _count(mag, v, equal=False):
+    """``_count16`` over any length, in blocks of 65,535."""
+    total = 0
+    for b in range(0, mag.shape[0], 65535):
+        total += _count16(mag[b:b + 65535], v, equal)
+    return total
+
+
+@njit(cache=True, inline="always")
 def top_codes(q, k, idx):
     """idx[:k] = the ascending positions of the k largest |q| of int8 codes q (SPEC 1: ties to
     the lower index). |q| is in [0, 128], kept as bytes: a binary search over it, each step one
-    vectorised count of #{|q| >= v}, finds the k-th largest t; everything above t is kept, and
-    the first entries equal to t. The byte flags then turn into positions in one loop with no
-    branch (half the entries are kept, at random)."""
+    vectorised count of #{|q| >= v}, finds the k-th largest t (the last count short of k is
+    #{|q| > t}); everything above t is kept, and the first entries equal to t, found 64 at a
+    time. The byte flags then turn into positions in one loop with no branch (half the
+    entries are kept, at random). At D = 512 / 1280: 0.46 / 1.03 us (int64 counts and a
+    scan for the ties: 1.06 / 2.1 us)."""
     d = q.shape[0]
     mag = np.empty(d, np.uint8)
     for j in range(d):
         mag[j] = np.uint8(abs(np.int32(q[j])))
-    t, step = 0, 128
+    t, step, above = 0, 128, 0
     while step:  # the largest t with #{|q| >= t} >= k
-        v, count = np.uint8(t + step), np.int32(0)
-        for j in range(d):
-            count += np.int32(mag[j] >= v)
+        count = _count(mag, np.uint8(t + step))
         if count >= k:
             t += step
+        else:  # counts short of k fall as v does: the last is v = t + 1's
+            above = count
         step //= 2
-    top, above = np.uint8(t), np.int32(0)
-    for j in range(d):
-        above += np.int32(mag[j] > top)
-    last, ties = -1, k - above  # the entries equal to t that get in: up to position last
+    top = np.uint8(t)
+    ties, last = k - above, 0  # the first ties entries equal to t get in: those before last
+    while last + 64 <= d:
+        equal = _count16(mag[last:last + 64], top, True)
+        if equal >= ties:
+            break
+        ties -= equal
+        last += 64
     while ties:
-        last += 1
         ties -= mag[last] == top
+        last += 1
     for j in range(d):  # |q| -> kept (1) or not (0)
-        mag[j] = np.uint8((mag[j] > top) | ((mag[j] == top) & (j <= last)))
+        mag[j] = np.uint8((mag[j] > top) | ((mag[j] == top) & (j < last)))
     n = 0
     for j in range(d):
         idx[n] = j
