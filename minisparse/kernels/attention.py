@@ -9,6 +9,7 @@ heads (half-split, ``model.rope``) and s = 1/sqrt(dh):
     dQ = rope^T(s · dS K),   dK = rope^T(s · dS^T Q)                     (backward)
 
 Every product is an axpy over a contiguous row (LLVM vectorises it without reassociation);
+a row's softmax may reassociate its max and its sum (``_softmax_row``: float rounding only);
 masked entries of P are exactly 0, as exp(-inf) makes them in the reference.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..tensor import Tensor
+from .exp import exp32
 from .sparse_matmul import FMA
 
 
@@ -78,6 +80,27 @@ def _put_head(x, out, b, c0):
             out[b, t, c0 + c] = x[t, c]
 
 
+# Compiled on its own, not inlined, to keep its own flags: the max and the sum may
+# reassociate (float rounding only), which lets them vectorise, and exp32 is plain arithmetic
+# where np.exp was a libm call per entry (with both, the forward pass of SPEC 9's attention,
+# B 12: 1.05-1.30x faster in five paired runs here).
+@njit(cache=True, fastmath={"reassoc", "nsz", "contract"}, error_model="numpy")
+def _softmax_row(s, n, scale):
+    """s[:n] <- softmax(scale s[:n]), s[n:] <- 0: one causal row of P."""
+    m = s[0] * scale
+    for j in range(n):
+        s[j] *= scale
+        m = max(m, s[j])
+    for j in range(n):
+        s[j] = exp32(s[j] - m) if s.itemsize == 4 else np.exp(s[j] - m)
+    total = s.dtype.type(0)
+    for j in range(n):
+        total += s[j]
+    for j in range(n):
+        s[j] /= total
+    s[n:] = 0
+
+
 @njit(parallel=True, cache=True, fastmath=FMA)
 def _forward(q, k, v, cos, sin, n_heads, qr, kr, p, out):
     """out [B, T, d] = attention; keeps RoPE'd heads qr, kr [B, H, T, dh] and P [B, H, T, T8]."""
@@ -104,16 +127,7 @@ def _forward(q, k, v, cos, sin, n_heads, qr, kr, p, out):
                 qc = Q[i, c]
                 for j in range(n):
                     s[j] += qc * kt[c, j]
-            m = -np.inf
-            for j in range(i + 1):
-                s[j] *= scale
-                m = max(m, s[j])
-            total = s.dtype.type(0)
-            for j in range(i + 1):
-                s[j] = np.exp(s[j] - m)
-                total += s[j]
-            for j in range(n):
-                s[j] = s[j] / total if j <= i else 0
+            _softmax_row(s, i + 1, scale)
             for j in range(i + 1):
                 pj = s[j]
                 for c in range(dh):
