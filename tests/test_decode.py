@@ -12,8 +12,8 @@ from minisparse.calibrate import collect_inputs
 from minisparse.generate import compiled_decoder, generate
 from minisparse.kernels import pack_model, topk_indices, unpack_model
 from minisparse.kernels.decode import Decoder, _claim_run, decoder_for
+from minisparse.kernels.token import EXACT_KEPT, token_outputs
 from minisparse.kernels.token import quantize as _quantize
-from minisparse.kernels.token import token_outputs
 from minisparse.kernels.token import top_codes as _top_codes
 from minisparse.model import GPT, GPTConfig, KVCache
 from minisparse.quant import absmax_quantize
@@ -144,16 +144,18 @@ def test_quantize_equals_spec3(x, halves):
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=40), st.booleans(),
-       st.floats(1.0, 1.3e7, width=32), st.floats(0.5, 1e5, width=32),
+       st.booleans(), st.floats(1.0, 1.3e7, width=32), st.floats(0.5, 1e5, width=32),
        st.floats(0.5, 4.0, width=32))
-def test_token_outputs_divide_as_numpy_does(sums, small, s, scale, r):
+def test_token_outputs_divide_as_numpy_does(sums, small, checked, s, scale, r):
     """float32(acc / float32(s_x s_w)) * r bit for bit: the float32 division taken when every
-    |acc| <= 2^24 (small), the float64 one otherwise."""
+    |acc| <= 2^24 (small), with no look at the sums when at most EXACT_KEPT inputs were
+    summed (128 K <= 2^24 bounds them), after one when more were; the float64 one otherwise."""
     acc = np.array(sums, np.int64)
     acc = (acc % (2**25 + 1) - 2**24 if small else acc).astype(np.int32)
+    kept = 2 * EXACT_KEPT if checked or not small else EXACT_KEPT
     s, scale, r = np.float32(s), np.float32(scale), np.float32(r)
     want = (acc / (s * scale)).astype(np.float32) * r
-    got = token_outputs(acc, s, scale, r)
+    got = token_outputs(acc, s, scale, r, kept)
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 

@@ -289,7 +289,7 @@ def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync,
             n = min(cols_m, d_out - plane * cols_m)
             start = plane * cols + m * cols_m
             rescale_sums(acc[start:start + n], s, scales[m], r,
-                         outs[m, plane * cols_m:plane * cols_m + n])
+                         outs[m, plane * cols_m:plane * cols_m + n], count)
 
 
 @njit(cache=True, fastmath=True)

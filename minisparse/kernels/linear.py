@@ -176,7 +176,7 @@ class PackedLinear:
                                        np.float32(0 if tau is None else tau),
                                        _check_rescale("sparse_linear", rescale) == "l2", q, a, idx)
             acc = ternary_gemv_int(q, idx[:count], self.ternary)  # exact integers (SPEC 5)
-            return token_outputs(acc, s, self.ternary.scale, r)
+            return token_outputs(acc, s, self.ternary.scale, r, count)
         q, s = quantize_rows(x[None])  # SPEC 3; the mask of q equals the mask of q / s
         q, s = q[0], s[0, 0]
         a = q / s

@@ -178,18 +178,23 @@ def ternary_inputs(x, sel, k, block_n, block_m, tau, l2, q, a, idx):
     return s, count, r
 
 
+EXACT_KEPT = 1 << 17  # kept inputs whose sums always fit float32: |Σ q t| <= 128 K <= 2^24
+
+
 @njit(cache=True, inline="always")
-def rescale_sums(acc, s, scale, r, out):
+def rescale_sums(acc, s, scale, r, out, kept):
     """out[:] = float32(acc / (s scale)) * r: SPEC 5's y = Σ q t / (s_x s_w) times SPEC 1's r,
     the divisor s_x s_w taken in float32 and the division in float64, as NumPy divides int32
-    sums by a float32 scalar. When every |acc| <= 2^24 (|q| <= 128: any K up to 131,072)
-    the sums are exact in float32, and a float32 division rounds as the float64 one rounded to
-    float32 (53 >= 2 * 24 + 2 bits: rounding a quotient twice is then harmless), with twice
-    the lanes per vector and a faster divide."""
+    sums by a float32 scalar. When every |acc| <= 2^24 the sums are exact in float32, and a
+    float32 division rounds as the float64 one rounded to float32 (53 >= 2 * 24 + 2 bits:
+    rounding a quotient twice is then harmless), with twice the lanes per vector and a faster
+    divide. ``kept`` inputs were summed: with |q| <= 128 and |t| <= 1, up to EXACT_KEPT of
+    them need no look at the sums (a pass fewer); more, and every |acc| is checked."""
     div = s * np.float32(scale)
     top = np.int64(0)
-    for b in range(out.shape[0]):
-        top = max(top, abs(np.int64(acc[b])))
+    if kept > EXACT_KEPT:
+        for b in range(out.shape[0]):
+            top = max(top, abs(np.int64(acc[b])))
     if top <= 1 << 24:
         for b in range(out.shape[0]):
             out[b] = (np.float32(acc[b]) / div) * r
@@ -206,8 +211,9 @@ def token_inputs(x, sel, k, tau, l2, q, a, idx):
 
 
 @njit(cache=True)
-def token_outputs(acc, s, scale, r):
-    """float32 [D_out] = acc / (s_x s_w) * r (``rescale_sums``) for a call from Python."""
+def token_outputs(acc, s, scale, r, kept):
+    """float32 [D_out] = acc / (s_x s_w) * r (``rescale_sums``, sums of ``kept`` inputs) for
+    a call from Python."""
     out = np.empty(acc.shape[0], np.float32)
-    rescale_sums(acc, s, scale, r, out)
+    rescale_sums(acc, s, scale, r, out, kept)
     return out
