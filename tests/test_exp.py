@@ -4,23 +4,14 @@ interpreted."""
 import re
 
 import numpy as np
+from elementwise import elementwise, same_bits
 from hypothesis import given
 from hypothesis import strategies as st
-from numba import config, njit
+from numba import config
 
 from minisparse.kernels.exp import exp32
 
-
-@njit(error_model="numpy")
-def _exp_all(x, out):
-    for j in range(x.shape[0]):
-        out[j] = exp32(x[j])
-
-
-def _exp(x):
-    out = np.empty_like(x)
-    _exp_all(x, out)
-    return out
+_exp_all, _exp = elementwise(exp32)
 
 
 def _rounded(x):
@@ -34,24 +25,20 @@ def _ulps(a, b):
     return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
 
 
-def _same_bits(a, b):
-    return (a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))
-
-
 def test_exp32_is_the_rounded_float64_exp_over_its_whole_range():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(-110, 90, 2_000_000), rng.uniform(-1, 1, 500_000),
                         rng.standard_normal(100_000) * 1e-6]).astype(np.float32)
     ours, want = _exp(x), _rounded(x)
     assert (_ulps(ours, want) <= 1).all()
-    assert (~_same_bits(ours, want)).sum() <= 2  # the float64 result is a few 1e-16 off
+    assert (~same_bits(ours, want)).sum() <= 2  # the float64 result is a few 1e-16 off
 
 
 def test_exp32_special_values():
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -110.0, -103.97, -87.5, 88.72, 88.73,
                   89.0, 1e30, -1e30, 1e-45], np.float32)
     ours = _exp(x)
-    assert _same_bits(ours, _rounded(x)).all(), ours
+    assert same_bits(ours, _rounded(x)).all(), ours
     assert ours[0] == 1 and ours[2] == np.inf and ours[3] == 0 and np.isnan(ours[4])
 
 
@@ -60,7 +47,7 @@ def test_exp32_special_values():
 def test_exp32_is_within_one_ulp_on_any_float32(values):
     x = np.array(values, np.float32)
     ours, want = _exp(x), _rounded(x)
-    same = _same_bits(ours, want)
+    same = same_bits(ours, want)
     assert same[np.isnan(x) | np.isinf(want) | (want == 0)].all()
     assert (_ulps(ours, want)[~same] <= 1).all()
 
@@ -70,7 +57,7 @@ def test_exp32_interpreted_equals_compiled():
     python = getattr(exp32, "py_func", exp32)  # the plain function under NUMBA_DISABLE_JIT
     with np.errstate(over="ignore"):  # exp(95) rounds to inf in float32
         interpreted = np.array([python(v) for v in x], np.float32)
-    assert _same_bits(interpreted, _exp(x)).all()
+    assert same_bits(interpreted, _exp(x)).all()
 
 
 def test_compiled_exp32_calls_no_libm_function():

@@ -3,32 +3,19 @@
 import re
 
 import numpy as np
+from elementwise import elementwise, same_bits
 from hypothesis import given
 from hypothesis import strategies as st
-from numba import config, njit
+from numba import config
 
 from minisparse.kernels.tanh import tanh32
 
-
-@njit(error_model="numpy")
-def _tanh_all(x, out):
-    for j in range(x.shape[0]):
-        out[j] = tanh32(x[j])
-
-
-def _tanh(x):
-    out = np.empty_like(x)
-    _tanh_all(x, out)
-    return out
+_tanh_all, _tanh = elementwise(tanh32)
 
 
 def _correct(x):
     """float32 tanh correctly rounded: float64 tanh (error < 1 ulp of float64) rounded once."""
     return np.tanh(x.astype(np.float64)).astype(np.float32)
-
-
-def _same_bits(a, b):
-    return (a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))
 
 
 def test_tanh32_is_correctly_rounded_at_every_scale():
@@ -37,7 +24,7 @@ def test_tanh32_is_correctly_rounded_at_every_scale():
     x = np.concatenate([rng.standard_normal(100_000) * s for s in scales]
                        + [rng.uniform(-10.5, 10.5, 200_000)]).astype(np.float32)
     ours = _tanh(x)
-    wrong = ~_same_bits(ours, _correct(x))
+    wrong = ~same_bits(ours, _correct(x))
     assert not wrong.any(), f"tanh32 differs at {x[wrong][:5]}: {ours[wrong][:5]}"
 
 
@@ -45,7 +32,7 @@ def test_tanh32_special_values():
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1e-38, 3e38, -3e38,
                   8.5, 10.0, -10.0], np.float32)
     ours = _tanh(x)
-    assert _same_bits(ours, _correct(x)).all(), ours
+    assert same_bits(ours, _correct(x)).all(), ours
     assert np.signbit(ours[1]) and not np.signbit(ours[0])  # -0 stays -0
     assert ours[2] == 1 and ours[3] == -1 and np.isnan(ours[4])
 
@@ -54,14 +41,14 @@ def test_tanh32_special_values():
                 max_size=64))
 def test_tanh32_equals_the_rounded_float64_tanh_on_any_float32(values):
     x = np.array(values, np.float32)
-    assert _same_bits(_tanh(x), _correct(x)).all()
+    assert same_bits(_tanh(x), _correct(x)).all()
 
 
 def test_tanh32_interpreted_equals_compiled():
     x = np.linspace(-12, 12, 241, dtype=np.float32)
     python = getattr(tanh32, "py_func", tanh32)  # the plain function under NUMBA_DISABLE_JIT
     interpreted = np.array([python(v) for v in x], np.float32)
-    assert _same_bits(interpreted, _tanh(x)).all()
+    assert same_bits(interpreted, _tanh(x)).all()
 
 
 def test_compiled_tanh32_calls_no_libm_function():

@@ -1,0 +1,26 @@
+"""Helpers of the tests of compiled float32 functions (tanh32, exp32)."""
+
+import numpy as np
+from numba import njit
+
+
+def elementwise(fn):
+    """(loop, apply): ``loop(x, out)`` compiles out[j] = fn(x[j]) as the kernels' loops do
+    (numpy error model: the loop can vectorise); ``apply(x)`` returns a new out."""
+
+    @njit(error_model="numpy")
+    def loop(x, out):
+        for j in range(x.shape[0]):
+            out[j] = fn(x[j])
+
+    def apply(x):
+        out = np.empty_like(x)
+        loop(x, out)
+        return out
+
+    return loop, apply
+
+
+def same_bits(a, b):
+    """Equal float32 bit patterns, or both NaN."""
+    return (a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))
