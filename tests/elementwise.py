@@ -1,5 +1,7 @@
 """Helpers of the tests of compiled float32 functions (tanh32, exp32)."""
 
+import re
+
 import numpy as np
 from numba import njit
 
@@ -24,3 +26,15 @@ def elementwise(fn):
 def same_bits(a, b):
     """Equal float32 bit patterns, or both NaN."""
     return (a.view(np.int32) == b.view(np.int32)) | (np.isnan(a) & np.isnan(b))
+
+
+def interpreted(fn, x):
+    """fn applied to each x as the plain Python function (what NUMBA_DISABLE_JIT runs)."""
+    python = getattr(fn, "py_func", fn)
+    return np.array([python(v) for v in x], np.float32)
+
+
+def calls(loop, apply, names):
+    """The calls of ``names`` (regex alternatives) in the compiled loop's LLVM IR."""
+    apply(np.zeros(4, np.float32))
+    return re.findall(rf"call [^\n]*@({names})\b", loop.inspect_llvm(loop.signatures[0]))
