@@ -14,8 +14,9 @@ rounding boundary (SPEC 3), by one code.
 
 Per token the fixed costs are paid per *input*, not per weight: q, k and v read one input, so
 it is quantized, its kept inputs chosen and paired once, and their codes sit side by side (one
-kept input is one run of 3 Q bytes); likewise up and gate. Scratch buffers are allocated once
-per call. MoE configs get ``decoder_for(model) is None`` and keep the engine path.
+kept input is one run of 3 Q bytes, split in one part per worker); likewise up and gate.
+Scratch buffers are allocated once per call. MoE configs get ``decoder_for(model) is None``
+and keep the engine path.
 
 Two cores, one parallel region per call (waking a thread pool costs 40-75 us, a whole layer's
 work here): each worker runs the whole forward, the cheap sequential parts redundantly in its
@@ -241,8 +242,9 @@ def _float_rows(x, kept, lo, hi, wt, y):
 def _products(width, x, codes, wt, scales, sparse, tau, l2, scratch, outs, sync, slot):
     """outs[m, :D_out] = SPEC 5 for one token x [D_in] and each weight m of a group that reads
     the same input (q, k, v; up, gate): A(x), the kept inputs and r found once for all of them.
-    Ternary when codes [D_in, n Q] has rows (the group's codes side by side: one kept row is
-    n Q contiguous bytes), else float (wt [n, D_in, D_out]). sparse = (sel, k, N, M).
+    Ternary when codes [P, D_in, n Q / P] has rows (the group's codes side by side, in P
+    column parts: one kept row is n Q / P contiguous bytes of each), else float (wt
+    [n, D_in, D_out]). sparse = (sel, k, N, M).
     The product itself is shared: its tiles go to the workers that claim them (product
     ``slot`` of sync = (counters, int32 [B, *], float32 [B, *] outputs, row slot % B; the
     attention's outputs [B, d]; (worker, workers)))."""
