@@ -68,7 +68,8 @@ from .token import (
 
 @njit(cache=True, inline="always")
 def _portable_tiles(q, idx, codes, y, sync, slot):
-    """The portable kernel's share of ``_ternary_tiles``: the whole product is one tile."""
+    """The portable kernel's share of ``_ternary_tiles``: the whole product is one tile, of
+    codes stored whole (one column part: Decoder splits no codes for the portable level)."""
     if _claim(sync, slot, 1) == 0:
         cols = codes.shape[2]
         y[:4 * cols] = _ternary_serial(q.astype(np.int16), idx, codes[0].view(np.uint16),
@@ -78,8 +79,9 @@ def _portable_tiles(q, idx, codes, y, sync, slot):
 
 
 def _ternary_tiles(width, q, idx, codes, y, sync, slot, buffers):
-    """y[:4 Q] int32 = Σ_{i in idx} q_i t_oi for codes [D_in, Q], the tiles this worker claims
-    (see ``_claim``), in the worker's buffers (``_simd_tiles``); returns the number of tiles.
+    """y[:4 Q] int32 = Σ_{i in idx} q_i t_oi for codes [P, D_in, Q / P] (column parts), the
+    tiles this worker claims (see ``_claim``), in the worker's buffers (``_simd_tiles``);
+    returns the number of tiles.
     As written it runs when interpreted (NUMBA_DISABLE_JIT: always width 0); compiled, the
     overload below picks the kernel of the literal width while typing."""
     if width != 0:
@@ -167,10 +169,10 @@ def _simd_tiles(width, q, idx, codes, y, sync, slot, buffers):
     # t % n of part t // n, n = Q / (P width)), computed by whichever worker claims them, in
     # the worker's buffers (groups: rows int64 [D + 3], q words [D // 2 + 2], int16 for pairs
     # or int32 for quads; the int32 sums of a run of tiles, one tile's int16 sums); a run of
-    # tiles that spans parts is read part by part. A worker asks for its
-    # share of the tiles at once: one run reads each kept row's bytes of the run front to
-    # back (_tiles), where a tile at a time reads every kept row once per tile (a 48.3M
-    # model's products, one thread: 1.5x faster)
+    # tiles that spans parts is read part by part. A worker asks for its share of the tiles
+    # at once: one run reads each kept row's bytes of the run front to back (_tiles), where a
+    # tile at a time reads every kept row once per tile (a 48.3M model's products, one
+    # thread: 1.5x faster)
     group_rows, group_q, sums, scratch = buffers
     rows, words, q_sum = _groups(q, idx, group_rows, group_q)
     per_part = codes.shape[2] // width
@@ -579,8 +581,8 @@ def _split_columns(codes, parts):
     """A group's codes [L, D_in, C] stored as [L, P, D_in, C / P]: P column parts, each a
     whole array, so the worker that claims a part's tiles reads its bytes of a kept row next
     to those of the rows around it, not every P-th run of a long row (the hardware
-    prefetchers follow the denser stream: a token 1.05-1.08x faster, ``dabb.py``, both
-    orders). P = 1 unless C is a multiple of 64 P (whole AVX-512 tiles in every part)."""
+    prefetchers follow the denser stream: a token of the 50.3M model 1.05-1.08x faster in
+    paired runs). P = 1 unless C is a multiple of 64 P (whole AVX-512 tiles in every part)."""
     n_layers, d_in, cols = codes.shape
     if cols % (parts * 64):
         parts = 1

@@ -62,11 +62,11 @@ def _count16(mag, v, equal):
 
 
 @njit(cache=True, inline="always")
-def _count(mag, v, equal=False):
-    """``_count16`` over any length, in blocks of 65,535."""
+def _count(mag, v):
+    """#{j : mag[j] >= v} over any length: ``_count16`` in blocks of 65,535."""
     total = 0
     for b in range(0, mag.shape[0], 65535):
-        total += _count16(mag[b:b + 65535], v, equal)
+        total += _count16(mag[b:b + 65535], v, False)
     return total
 
 
